@@ -1,0 +1,52 @@
+# sbg — Simple Border Gateway.  `make demo` and `make test` work on a fresh
+# Debian 12 machine: they create .venv and install what they need.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYNAPSE_STAMP := .venv-synapse/.installed
+
+.PHONY: all venv demo test unit e2e lint typecheck fuzz bench deb clean
+
+all: test
+
+$(STAMP): setup.cfg setup.py requirements-dev.txt
+	./scripts/bootstrap "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(SYNAPSE_STAMP): scripts/install-synapse $(STAMP)
+	./scripts/install-synapse
+	touch $(SYNAPSE_STAMP)
+
+demo: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m demo.standin_demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sbg tests twisted demo
+	$(VENV)/bin/ruff format --check sbg tests twisted demo
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy sbg
+
+unit: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=summary $$(PYTHONPATH=$(CURDIR) $(PY) -m tests.list_modules --unit)
+
+e2e: $(STAMP) $(SYNAPSE_STAMP)
+	SBG_E2E_REQUIRED=1 PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=summary tests.e2e
+
+test: lint typecheck unit e2e
+
+fuzz: $(STAMP)
+	PYTHONPATH=$(CURDIR) SBG_FUZZ_EXAMPLES=100000 $(PY) -m twisted.trial tests.test_fuzz
+
+bench: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.run
+
+deb:
+	./scripts/build-deb
+
+clean:
+	rm -rf $(VENV) .venv-synapse _trial_temp* .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,143 @@
+"""The configuration as immutable, typed values.
+
+`sbg.config.load` builds these from the YAML file (contract section 3) and
+validates them; the rest of sbg only ever sees these objects. Paths are
+already resolved against the config file's directory, sizes are bytes and
+durations are seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+ListenerType = Literal["inbound", "outbound", "admin"]
+Direction = Literal["inbound", "outbound"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """A `federation_hosts` / `client_hosts` entry: `host` or `host:port`.
+
+    `host` is lower-cased (IP literals are kept in their canonical text form,
+    without brackets); `port` is None when any port matches.
+    """
+
+    host: str
+    port: int | None
+
+    def matches(self, host: str, port: int | None) -> bool:
+        """Whether a Host header / SNI / CONNECT target matches this entry.
+
+        `host` must already be normalised (lower case, no brackets). A value
+        without a port (`port` None) matches only an entry without a port
+        unless the caller supplies the implied default port.
+        """
+        if host != self.host:
+            return False
+        return self.port is None or self.port == port
+
+
+@dataclass(frozen=True)
+class Listener:
+    type: ListenerType
+    port: int
+    bind_addresses: tuple[str, ...]
+    tls: bool = False
+    x_forwarded: bool = False
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    certificate: str
+    private_key: str
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    max_body_size: int = 16 * 1024 * 1024
+    request_timeout: float = 600.0
+    idle_timeout: float = 60.0
+    strict_origin_checks: bool = True
+
+
+@dataclass(frozen=True)
+class ProxyAuth:
+    username: str
+    password_file: str
+    # The password itself (file read at load time, trailing newline
+    # stripped); None when the loader ran with skip_files.
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class NonMatrixURL:
+    host: str
+    port: int
+    path: re.Pattern[str]
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    ca: TLSFiles | None = None
+    proxy_auth: ProxyAuth | None = None
+    upstream_proxy: tuple[str, int] | None = None  # (host, port) of http://host:port
+    default_trust: Literal["system", "none"] = "system"
+    request_timeout: float = 600.0
+    idle_timeout: float = 60.0
+    allowed_non_matrix_urls: tuple[NonMatrixURL, ...] = ()
+
+
+@dataclass(frozen=True)
+class InternalHomeserver:
+    server_name: str
+    federation_hosts: tuple[HostPattern, ...]
+    upstream: str  # http(s)://host:port, no path
+    upstream_ca: str | None = None
+    tls: TLSFiles | None = None
+
+
+@dataclass(frozen=True)
+class ExternalHomeserver:
+    server_name: str
+    federation_hosts: tuple[HostPattern, ...] = ()
+    client_hosts: tuple[HostPattern, ...] = ()
+    # key id ("ed25519:abc") -> 32 raw public key bytes
+    verify_keys: tuple[tuple[str, bytes], ...] = ()
+    key_fetch: Literal["pinned", "fetch"] = "pinned"
+    tls_ca: str | None = None
+    # "host:port" (lower-cased host) -> (ip, port)
+    addresses: tuple[tuple[str, tuple[str, int]], ...] = ()
+    source_ips: tuple[IPNetwork, ...] = ()
+    trust_level: str = "external"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class TrustLevel:
+    name: str
+    inbound: frozenset[str]
+    outbound: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str  # absolute path of the file this was loaded from
+    listeners: tuple[Listener, ...]
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    state_dir: str = "/var/lib/sbg"
+    admin_token_file: str | None = None
+    # The token itself (file read at load time); None with skip_files.
+    admin_token: str | None = field(default=None, repr=False)
+    shutdown_grace: float = 30.0
+    inbound: InboundSettings = InboundSettings()
+    outbound: OutboundSettings = OutboundSettings()
+    internal_homeservers: tuple[InternalHomeserver, ...] = ()
+    external_homeservers: tuple[ExternalHomeserver, ...] = ()
+    trust_levels: tuple[TrustLevel, ...] = ()
+    # Processes serving the listeners (a later multi-process mode); >= 1.
+    workers: int = 1

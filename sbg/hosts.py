@@ -1,0 +1,106 @@
+"""Parsing of the host names sbg routes on: Host headers, SNI, CONNECT targets.
+
+Every value is normalised the same way before it is compared with the
+configuration's `federation_hosts` / `client_hosts`: host lower-cased, IPv6
+literals without brackets in their compressed form, port as an int or None.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*\.?$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+class HostParseError(ValueError):
+    pass
+
+
+def _normalise_host(host: str) -> str:
+    if not host:
+        raise HostParseError("empty host")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    h = host.lower()
+    if len(h) > 255 or not _DNS_NAME.match(h):
+        raise HostParseError(f"not a host name: {host!r}")
+    return h.rstrip(".")
+
+
+def _parse_port(text: str) -> int:
+    if not _PORT.match(text):
+        raise HostParseError(f"bad port {text!r}")
+    port = int(text)
+    if not 0 < port < 65536:
+        raise HostParseError(f"port out of range: {port}")
+    return port
+
+
+def parse_authority(value: str) -> tuple[str, int | None]:
+    """Parse `host`, `host:port`, `[v6]`, `[v6]:port` (a Host header value)."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise HostParseError("unterminated IPv6 literal")
+        host = value[1:end]
+        rest = value[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise HostParseError(f"not an IPv6 literal: {host!r}")
+        if not rest:
+            return _normalise_host(host), None
+        if not rest.startswith(":"):
+            raise HostParseError("garbage after IPv6 literal")
+        return _normalise_host(host), _parse_port(rest[1:])
+    if value.count(":") > 1:
+        raise HostParseError("IPv6 literal without brackets")
+    host, sep, port = value.partition(":")
+    return _normalise_host(host), (_parse_port(port) if sep else None)
+
+
+def parse_connect_target(value: str) -> tuple[str, int]:
+    """Parse a CONNECT target: `host:port`, `[v6]:port` or a bare `v6:port`.
+
+    Synapse writes IPv6 literals without brackets (`2001:db8::1:8448`): the
+    port is then the part after the last colon.
+    """
+    if value.startswith("["):
+        host, port = parse_authority(value)
+    elif value.count(":") > 1:
+        addr, _, port_text = value.rpartition(":")
+        try:
+            ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise HostParseError(f"not an IPv6 literal: {addr!r}")
+        host, port = _normalise_host(addr), _parse_port(port_text)
+    else:
+        host, port = parse_authority(value)
+    if port is None:
+        raise HostParseError("CONNECT target without a port")
+    return host, port
+
+
+def parse_sni(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return _normalise_host(value.decode("ascii"))
+    except (UnicodeDecodeError, HostParseError):
+        # An SNI sbg cannot parse matches nothing: callers treat it as a
+        # name that belongs to no configured server.
+        return "\x00invalid"
+
+
+def server_name_authority(server_name: str) -> tuple[str, int | None]:
+    """Split a Matrix server name (`host[:port]`) as `parse_authority` does."""
+    return parse_authority(server_name)
+
+
+def format_authority(host: str, port: int | None) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return h if port is None else f"{h}:{port}"

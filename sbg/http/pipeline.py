@@ -1,0 +1,128 @@
+"""The frame every request goes through, in both directions.
+
+A subclass decides and carries out (`process`); this class turns a refusal
+into its Matrix error, an unexpected exception into a logged 500, and always
+writes exactly one audit record and the metrics for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from sbg.audit import AuditLog, AuditRecord, path_for_log
+from sbg.errors import SbgError
+from sbg.http.forward import ClientGone, UpstreamError
+from sbg.http.site import BorderRequest, send_error
+from sbg.metrics import UNKNOWN, Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestContext:
+    """What the pipeline learns about one request, for the audit and metrics."""
+
+    record: AuditRecord
+    # The configured external server this request is about (metric label).
+    server: str = UNKNOWN
+
+
+class InflightTracker:
+    """Counts requests in flight, so a graceful stop can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_idle(self) -> defer.Deferred[None]:
+        if self.count == 0:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred(lambda d: self._waiters.remove(d))
+        self._waiters.append(d)
+        return d
+
+
+class Pipeline:
+    direction: str = "inbound"
+
+    def __init__(self, audit: AuditLog, metrics: Metrics, tracker: InflightTracker) -> None:
+        self._audit = audit
+        self._metrics = metrics
+        self._tracker = tracker
+
+    def handle(self, request: BorderRequest) -> None:
+        d = defer.ensureDeferred(self._run(request))
+        d.addErrback(self._crash, request)
+
+    def _crash(self, failure: Failure, request: BorderRequest) -> None:
+        logger.error("request handling failed: %s", failure.getTraceback())
+        if not request.finished and not request._disconnected:
+            request.setResponseCode(500)
+            request.finish()
+
+    async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
+        raise NotImplementedError
+
+    def peer(self, request: BorderRequest) -> str:
+        return request.peer_host()
+
+    async def _run(self, request: BorderRequest) -> None:
+        record = AuditRecord(
+            direction="inbound" if self.direction == "inbound" else "outbound",
+            peer=self.peer(request),
+            method=request.method.decode("latin-1")[:32],
+            path=path_for_log(request.uri),
+            bytes_in=request.bytes_in,
+        )
+        ctx = RequestContext(record)
+        inflight = self._metrics.inflight.labels(self.direction)
+        inflight.inc()
+        self._tracker.enter()
+        try:
+            await self.process(request, ctx)
+        except UpstreamError as e:
+            self._metrics.upstream_errors.labels(self.direction, e.metric_reason).inc()
+            record.status = e.status
+            record.reason = e.reason
+            # The request was allowed; the upstream failed it.
+            record.decision = "allow"
+            record.bytes_out = send_error(request, e)
+        except SbgError as e:
+            record.decision = "deny"
+            record.status = e.status
+            record.reason = e.reason
+            self._metrics.refusals.labels(self.direction, ctx.server, e.code).inc()
+            record.bytes_out = send_error(request, e)
+        except ClientGone:
+            record.status = 499
+            record.reason = record.reason or "client went away"
+        except Exception:
+            logger.exception("unexpected error handling %s %s", record.method, record.path)
+            record.decision = "deny"
+            record.status = 500
+            record.reason = "internal error"
+            send_error(request, SbgError(500, "M_UNKNOWN", "internal error", "internal_error"))
+        finally:
+            inflight.dec()
+            self._tracker.leave()
+            elapsed = request.elapsed_ms()
+            record.duration_ms = elapsed
+            self._metrics.duration.labels(self.direction).observe(elapsed / 1000.0)
+            self._metrics.requests.labels(
+                self.direction, ctx.server, record.group or UNKNOWN, record.decision
+            ).inc()
+            self._audit.emit(record)

@@ -1,0 +1,134 @@
+"""The HTTP server side shared by the inbound listener and the intercepted
+outbound tunnels: a `Request` that caps its body while reading it and hands
+itself to a handler, and the factory that builds channels for it.
+
+twisted.web's `Resource` tree is not used: a border gateway has exactly one
+thing to do with every request, and the handler does it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.web import http
+
+from sbg.errors import SbgError
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandler(Protocol):
+    def handle(self, request: BorderRequest) -> None: ...
+
+    def max_body_size(self) -> int: ...
+
+
+class BorderRequest(http.Request):
+    """A request whose body is read into memory up to a cap, never beyond.
+
+    Bodies beyond `max_body_size` are counted and dropped as they arrive;
+    `too_large` tells the handler, which answers 413 at its place in the
+    decision order. Nothing but JSON request bodies travels here (media goes
+    the other way, in responses), so memory stays bounded by the cap.
+    """
+
+    # Never add a Content-Type the upstream did not send.
+    defaultContentType = None
+
+    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
+        super().__init__(channel)
+        self.started = time.monotonic()
+        self.too_large = False
+        self.bytes_in = 0
+        self._cap = 0
+        self.handler: RequestHandler | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        factory = self.channel.factory if self.channel is not None else None
+        handler: RequestHandler | None = getattr(factory, "handler", None)
+        self.handler = handler
+        self._cap = handler.max_body_size() if handler is not None else 0
+        self.content = io.BytesIO()
+        if length is not None and length > self._cap:
+            self.too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.too_large:
+            return
+        if self.bytes_in > self._cap:
+            self.too_large = True
+            self.content = io.BytesIO()
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+    def body(self) -> bytes:
+        content = self.content
+        return content.getvalue() if isinstance(content, io.BytesIO) else b""
+
+    def process(self) -> None:
+        if self.handler is None:
+            self.setResponseCode(500)
+            self.finish()
+            return
+        self.handler.handle(self)
+
+    def peer_host(self) -> str:
+        peer: IAddress = self.getClientAddress()
+        host = getattr(peer, "host", None)
+        return str(host) if host is not None else "-"
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+
+def send_error(request: http.Request, err: SbgError, extra: dict[str, Any] | None = None) -> int:
+    """Answer with the Matrix error `err`; returns the bytes written."""
+    body: dict[str, Any] = {"errcode": err.errcode, "error": err.reason}
+    if extra:
+        body.update(extra)
+    return send_json(request, err.status, body)
+
+
+def send_json(request: http.Request, status: int, body: object) -> int:
+    data = json.dumps(body).encode()
+    if request.finished or request._disconnected:
+        return 0
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(data)).encode()])
+    if request.method != b"HEAD":
+        request.write(data)
+    request.finish()
+    return len(data)
+
+
+class BorderHTTPFactory(http.HTTPFactory):
+    """Builds HTTP/1.1 channels whose requests go to `handler`."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        reactor: IReactorTime,
+        idle_timeout: float,
+    ) -> None:
+        super().__init__(timeout=idle_timeout, reactor=reactor)
+        self.handler = handler
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        p = super().buildProtocol(addr)
+        if p is not None:
+            p.requestFactory = BorderRequest
+        return p
+
+    def log(self, request: http.Request) -> None:
+        # The audit log is the access log.
+        pass

@@ -1,0 +1,99 @@
+"""Prometheus metrics (contract section 8), in a registry of their own.
+
+Label values come only from the configuration (server names), from fixed
+sets (directions, groups, decisions, refusal codes) or `unknown`: never from
+a Host header, an SNI or a path an attacker chose.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+UNKNOWN = "unknown"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sbg_requests",
+            "Request decisions crossing the border.",
+            ["direction", "server", "group", "decision"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "sbg_request_duration_seconds",
+            "Time from the request's arrival to the end of its response.",
+            ["direction"],
+            buckets=(
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                300,
+                600,
+            ),
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sbg_upstream_errors",
+            "Failures reaching or reading from the upstream.",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "sbg_inflight_requests",
+            "Requests being processed or forwarded.",
+            ["direction"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "sbg_config_reloads",
+            "Configuration reloads (SIGHUP) by result.",
+            ["result"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "sbg_refusals",
+            "Refusals by short reason code.",
+            ["direction", "server", "reason"],
+            registry=r,
+        )
+        self.killswitch = Gauge(
+            "sbg_killswitch_engaged",
+            "1 while a kill switch is engaged (server is `global` for the global one).",
+            ["server", "direction"],
+            registry=r,
+        )
+        self.cert_expiry = Gauge(
+            "sbg_certificate_expiry_timestamp_seconds",
+            "notAfter of every configured certificate and pinned CA (Unix time).",
+            ["kind", "name", "path"],
+            registry=r,
+        )
+        self.tunnels = Gauge(
+            "sbg_outbound_tunnels",
+            "Open outbound CONNECT tunnels.",
+            registry=r,
+        )
+        for direction in ("inbound", "outbound"):
+            self.inflight.labels(direction)
+            self.duration.labels(direction)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,179 @@
+"""Outbound: the requests inside an intercepted tunnel (contract 7, rows 3-7).
+
+One `OutboundHandler` serves one tunnel, under the policy snapshot the
+tunnel was accepted with; the kill switch is read live, so an engaged switch
+applies to open tunnels at once.
+"""
+
+from __future__ import annotations
+
+from sbg.errors import SbgError
+from sbg.hosts import HostParseError, parse_authority, parse_sni
+from sbg.http.forward import forward, request_headers_for_upstream
+from sbg.http.pipeline import Pipeline, RequestContext
+from sbg.http.site import BorderRequest
+from sbg.matrix.endpoints import match_target
+from sbg.matrix.xmatrix import parse_authorization
+from sbg.outbound.state import OutboundState, Tunnel
+from sbg.tls.server import sni_of
+
+
+def _forbidden(reason: str, code: str) -> SbgError:
+    return SbgError(403, "M_FORBIDDEN", reason, code)
+
+
+def _sni(request: BorderRequest) -> str | None:
+    transport = request.channel.transport if request.channel is not None else None
+    if transport is None:
+        return None
+    name = sni_of(transport)
+    return parse_sni(name.encode("ascii", "replace")) if name else None
+
+
+class OutboundHandler(Pipeline):
+    direction = "outbound"
+
+    def __init__(self, state: OutboundState, tunnel: Tunnel) -> None:
+        super().__init__(state.runtime.audit, state.runtime.metrics, state.tracker)
+        self._state = state
+        self._tunnel = tunnel
+
+    def max_body_size(self) -> int:
+        return self._tunnel.policy.config.inbound.max_body_size
+
+    async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
+        tunnel = self._tunnel
+        tunnel.active_requests += 1
+        try:
+            await self._process(request, ctx)
+        finally:
+            tunnel.active_requests -= 1
+
+    def _host(self, request: BorderRequest) -> tuple[str, int | None]:
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) != 1:
+            raise _forbidden("no single Host header", "host_mismatch")
+        try:
+            return parse_authority(hosts[0].decode("ascii"))
+        except (UnicodeDecodeError, HostParseError):
+            raise _forbidden("malformed Host header", "host_mismatch")
+
+    async def _process(self, request: BorderRequest, ctx: RequestContext) -> None:
+        tunnel = self._tunnel
+        policy = tunnel.policy
+        rec = ctx.record
+        rec.destination = tunnel.server_name
+        ctx.server = tunnel.metric_server
+        ks = self._state.runtime.killswitch
+        host, port = self._host(request)
+        sni = _sni(request)
+        settings = policy.config.outbound
+
+        if tunnel.kind == "non_matrix":
+            # Row 4 for a non-Matrix entry: its host, and its path regex.
+            path_query = request.uri.decode("latin-1")
+            effective_port = port if port is not None else 443
+            if not any(
+                e.host == host
+                and e.port == effective_port
+                and e.path.fullmatch(path_query)
+                and (sni is None or sni == e.host)
+                for e in tunnel.non_matrix
+            ):
+                raise SbgError(
+                    404,
+                    "M_UNRECOGNIZED",
+                    "URL not in allowed_non_matrix_urls",
+                    "non_matrix_not_allowed",
+                )
+            if ks.is_killed(None, "outbound"):
+                raise _forbidden("the border is closed (kill switch)", "killswitch")
+            rec.decision = "allow"
+            await self._forward(request, ctx, host, None, settings.default_trust)
+            return
+
+        server = tunnel.server
+        assert server is not None
+        # Row 3: SNI and Host belong to the CONNECT target's server.
+        if tunnel.kind == "discovery":
+            by_host = policy.external_for_server_name(host, port)
+        elif tunnel.kind == "client":
+            by_host = policy.external_for_client_host(host, port)
+        else:
+            by_host = policy.external_for_federation_host(host, port)
+        if by_host is not server:
+            raise _forbidden("Host does not belong to the CONNECT target's server", "host_mismatch")
+        if sni is not None and policy.external_for_sni(sni) is not server:
+            raise _forbidden(
+                "TLS server name does not belong to the CONNECT target's server", "sni_mismatch"
+            )
+        # Row 4: the endpoint table.
+        match = match_target(request.method, request.uri)
+        group = match.endpoint.group
+        rec.group = group
+        if tunnel.kind == "discovery" and group != "discovery":
+            raise _forbidden("server name on port 443 is for discovery only", "discovery_only")
+        if tunnel.kind == "client" and group != "legacy_media":
+            raise _forbidden("client host is for legacy media only", "group_not_allowed")
+        # Row 5: kill switch.
+        if ks.is_killed(server.server_name, "outbound"):
+            raise _forbidden(f"{server.server_name} is cut off (kill switch)", "killswitch")
+        # Row 6: trust level.
+        if group not in policy.groups(server, "outbound"):
+            raise _forbidden(
+                f"endpoint group {group} is not allowed for {server.server_name}",
+                "group_not_allowed",
+            )
+        # Row 7: the signed destination and origin.
+        auth_headers = request.requestHeaders.getRawHeaders(b"authorization")
+        if auth_headers:
+            try:
+                auth = parse_authorization(auth_headers)
+            except SbgError as e:
+                raise _forbidden(e.reason, e.code)
+            rec.origin = auth.origin
+            if auth.destination is not None and auth.destination != server.server_name:
+                raise _forbidden(
+                    f"signed destination {auth.destination} is not {server.server_name}",
+                    "bad_destination",
+                )
+            if auth.origin not in policy.internal_names:
+                raise _forbidden(f"{auth.origin} is not an internal server", "unknown_origin")
+        elif match.endpoint.authenticated:
+            raise _forbidden("federation request without X-Matrix signature", "missing_auth")
+        if request.too_large:
+            raise SbgError(413, "M_TOO_LARGE", "request body too large", "body_too_large")
+        rec.decision = "allow"
+        await self._forward(request, ctx, host, server.tls_ca, settings.default_trust)
+
+    async def _forward(
+        self,
+        request: BorderRequest,
+        ctx: RequestContext,
+        tls_name: str,
+        ca_file: str | None,
+        default_trust: str,
+    ) -> None:
+        tunnel = self._tunnel
+        settings = tunnel.policy.config.outbound
+        agent = self._state.agent_for(
+            tunnel, tls_name, (ca_file,) if ca_file else None, default_trust
+        )
+        hosts = request.requestHeaders.getRawHeaders(b"host") or [b""]
+        url = b"https://" + hosts[0] + request.uri
+        # Internal addresses are not the external servers' business.
+        headers = request_headers_for_upstream(request.requestHeaders, None)
+        result = await forward(
+            agent=agent,
+            request=request,
+            url=url,
+            headers=headers,
+            body=request.body() if request.method in (b"PUT", b"POST") else None,
+            clock=self._state.runtime.reactor,
+            request_timeout=settings.request_timeout,
+            idle_timeout=settings.idle_timeout,
+        )
+        ctx.record.status = result.status
+        ctx.record.bytes_out = result.bytes_out
+        if not result.complete:
+            ctx.record.reason = "response body cut short"

@@ -1,0 +1,126 @@
+"""The kill switch: runtime state, persisted in `state_dir` (contract 6).
+
+A switch is `(server, direction)` with `server` None for the global switch.
+The state file is written with write-then-rename and fsync before a change
+is acknowledged, so a switch survives a crash and a restart. A reload of the
+configuration never touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+Direction = Literal["inbound", "outbound"]
+DIRECTIONS: tuple[Direction, Direction] = ("inbound", "outbound")
+STATE_FILE = "killswitch.json"
+
+Switch = tuple[str | None, Direction]
+
+
+class KillSwitchStateError(Exception):
+    """The state file exists but cannot be read: refuse to start blind."""
+
+
+def expand_direction(direction: str) -> tuple[Direction, ...]:
+    if direction == "both":
+        return DIRECTIONS
+    if direction == "inbound":
+        return ("inbound",)
+    if direction == "outbound":
+        return ("outbound",)
+    raise ValueError(f"direction must be inbound, outbound or both, not {direction!r}")
+
+
+class KillSwitch:
+    def __init__(self, state_dir: str) -> None:
+        self._state_dir = state_dir
+        self._engaged: frozenset[Switch] = frozenset()
+        self._listeners: list[Callable[[frozenset[Switch]], None]] = []
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self._state_dir, STATE_FILE)
+
+    def load(self) -> None:
+        """Restore the persisted state (creating `state_dir` 0700 if missing)."""
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            self._engaged = frozenset()
+            return
+        except (OSError, ValueError) as e:
+            raise KillSwitchStateError(f"{self.path}: cannot read kill-switch state: {e}")
+        try:
+            switches: set[Switch] = set()
+            for item in data["engaged"]:
+                server = item["server"]
+                if server is not None and not isinstance(server, str):
+                    raise ValueError("server must be a string or null")
+                for d in expand_direction(item["direction"]):
+                    switches.add((server, d))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KillSwitchStateError(f"{self.path}: malformed kill-switch state: {e}")
+        self._engaged = frozenset(switches)
+        self._notify()
+
+    def on_change(self, callback: Callable[[frozenset[Switch]], None]) -> None:
+        self._listeners.append(callback)
+
+    @property
+    def engaged(self) -> frozenset[Switch]:
+        return self._engaged
+
+    def is_killed(self, server: str | None, direction: Direction) -> bool:
+        """Whether the global switch or `server`'s switch covers `direction`."""
+        e = self._engaged
+        if (None, direction) in e:
+            return True
+        return server is not None and (server, direction) in e
+
+    def engage(self, server: str | None, direction: str) -> None:
+        self._set(self._engaged | {(server, d) for d in expand_direction(direction)})
+
+    def lift(self, server: str | None, direction: str) -> None:
+        self._set(self._engaged - {(server, d) for d in expand_direction(direction)})
+
+    def as_json(self) -> dict[str, list[dict[str, str | None]]]:
+        return {"engaged": render(self._engaged)}
+
+    def _set(self, new: frozenset[Switch]) -> None:
+        if new != self._engaged:
+            self._persist(new)
+            self._engaged = new
+            self._notify()
+
+    def _persist(self, switches: frozenset[Switch]) -> None:
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        tmp = self.path + ".tmp"
+        data = json.dumps({"engaged": render(switches)}, indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self._state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb(self._engaged)
+
+
+def render(switches: Iterable[Switch]) -> list[dict[str, str | None]]:
+    def key(s: Switch) -> tuple[int, str, str]:
+        return (0 if s[0] is None else 1, s[0] or "", s[1])
+
+    return [{"server": s, "direction": d} for s, d in sorted(switches, key=key)]

@@ -1,0 +1,266 @@
+"""The gateway as a Twisted service: listeners, reload, graceful stop.
+
+`GatewayService` builds one listening port per (listener, bind address) of
+the configuration, all sharing one `Runtime`. SIGHUP re-reads the file and
+swaps the policy atomically (contract 6); SIGTERM stops accepting, lets the
+requests in flight finish for at most `shutdown_grace`, and stops the
+reactor so twistd exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IStreamServerEndpoint,
+)
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+from zope.interface import implementer
+
+from sbg.admin import admin_site
+from sbg.audit import AuditLog
+from sbg.config.load import load_config
+from sbg.config.model import Config, Listener
+from sbg.errors import ConfigErrors
+from sbg.http.pipeline import InflightTracker
+from sbg.http.site import BorderHTTPFactory
+from sbg.inbound.handler import InboundHandler
+from sbg.metrics import Metrics
+from sbg.outbound.proxy import OutboundProxyFactory
+from sbg.outbound.state import OutboundState
+from sbg.policy.killswitch import KillSwitch, Switch
+from sbg.policy.snapshot import Policy
+from sbg.runtime import Runtime
+from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
+
+logger = logging.getLogger(__name__)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _SwappableServerTLS:
+    """Inbound TLS contexts that a reload can replace (renewed certificates)."""
+
+    def __init__(self, factory: SNIServerContextFactory) -> None:
+        self.current = factory
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> Any:
+        return self.current.serverConnectionForTLS(tlsProtocol)
+
+
+def inbound_tls_entries(config: Config) -> list[tuple[list[str], str, str]]:
+    entries: list[tuple[list[str], str, str]] = []
+    for hs in config.internal_homeservers:
+        if hs.tls is None:
+            continue
+        names = [p.host for p in hs.federation_hosts]
+        names.append(
+            hs.server_name.rsplit(":", 1)[0] if "]" not in hs.server_name else hs.server_name
+        )
+        entries.append((names, hs.tls.certificate, hs.tls.private_key))
+    return entries
+
+
+class GatewayService(MultiService):
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        log_observer: ILogObserver | None = None,
+        on_reconfigure: Callable[[Config], None] | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self._log_observer = log_observer
+        self._on_reconfigure = on_reconfigure
+        self._install_signals = install_signals
+        self.metrics = Metrics()
+        self.killswitch = KillSwitch(config.state_dir)
+        self.killswitch.load()
+        self.tracker = InflightTracker()
+        self.runtime = Runtime(
+            reactor, Policy.build(config), self.killswitch, AuditLog(), self.metrics
+        )
+        self.outbound = OutboundState(self.runtime, self.tracker)
+        self.killswitch.on_change(self._killswitch_changed)
+        self._killswitch_changed(self.killswitch.engaged)
+        self._inbound_tls: _SwappableServerTLS | None = None
+        self._ports: list[StreamServerEndpointService] = []
+        self._port_owners: list[tuple[Listener, str]] = []
+        self._stopping = False
+        for listener in config.listeners:
+            factory = self._factory_for(listener)
+            for address in listener.bind_addresses:
+                svc = StreamServerEndpointService(self._endpoint(listener, address), factory)
+                svc._raiseSynchronously = True
+                svc.setServiceParent(self)
+                self._ports.append(svc)
+                self._port_owners.append((listener, address))
+
+    # -- construction ------------------------------------------------------
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for an ILogObserver before it starts
+        # logging: this is how sbg's observer (text or JSON) replaces the
+        # default one, so every line twistd writes has sbg's format.
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+    def _factory_for(self, listener: Listener) -> Any:
+        if listener.type == "inbound":
+            return BorderHTTPFactory(
+                InboundHandler(self.runtime, listener, self.tracker),
+                self.reactor,
+                idle_timeout=self.config.inbound.idle_timeout,
+            )
+        if listener.type == "outbound":
+            return OutboundProxyFactory(self.outbound)
+        site = admin_site(
+            self.killswitch,
+            lambda: self.runtime.policy,
+            lambda: self.runtime.policy.config.admin_token,
+            self.metrics.render,
+        )
+        return site
+
+    def _endpoint(self, listener: Listener, address: str) -> IStreamServerEndpoint:
+        if listener.type == "inbound" and listener.tls:
+            if self._inbound_tls is None:
+                self._inbound_tls = _SwappableServerTLS(
+                    build_sni_server_context(inbound_tls_entries(self.config))
+                )
+            return SSL4ServerEndpoint(
+                self.reactor, listener.port, self._inbound_tls, interface=address
+            )
+        if ":" in address:
+            return TCP6ServerEndpoint(self.reactor, listener.port, interface=address)
+        return TCP4ServerEndpoint(self.reactor, listener.port, interface=address)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._install_signals:
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+        logger.info(
+            "sbg started: %d listener(s), %d internal and %d external homeserver(s)",
+            len(self.config.listeners),
+            len(self.config.internal_homeservers),
+            len(self.config.external_homeservers),
+        )
+
+    async def listening(self) -> list[tuple[Listener, str, IListeningPort]]:
+        """The bound ports, once listening (listener, bind address, port)."""
+        out = []
+        for svc, (listener, address) in zip(self._ports, self._port_owners, strict=True):
+            waiting = svc._waitingForPort
+            assert waiting is not None, "service not started"
+            # Observe the result without consuming it: stopService needs it.
+            seen: defer.Deferred[IListeningPort] = defer.Deferred()
+
+            def observe(p: IListeningPort, seen: defer.Deferred[IListeningPort] = seen) -> Any:
+                seen.callback(p)
+                return p
+
+            waiting.addCallback(observe)
+            out.append((listener, address, await seen))
+        return out
+
+    def _install_signal_handlers(self) -> None:
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.graceful_shutdown)
+
+        signal.signal(signal.SIGHUP, on_hup)
+        # Installed after the reactor's own: the reactor would record the
+        # signal and twistd would re-raise it at exit (status -15).
+        signal.signal(signal.SIGTERM, on_term)
+
+    def reload(self) -> bool:
+        """Re-read the configuration file; True if the new one took effect."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigErrors as e:
+            for line in e.lines():
+                logger.error("reload refused: %s", line)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        if new.listeners != self.config.listeners:
+            logger.warning("listener changes need a restart; they were not applied")
+        if new.state_dir != self.config.state_dir:
+            logger.warning("state_dir changes need a restart; it was not applied")
+        try:
+            policy = Policy.build(new)
+            tls = None
+            if self._inbound_tls is not None:
+                tls = build_sni_server_context(inbound_tls_entries(new))
+            self.outbound.check_config(new)
+        except Exception as e:
+            logger.error("reload refused: %s", e)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        self.runtime.swap_policy(policy)
+        if tls is not None and self._inbound_tls is not None:
+            self._inbound_tls.current = tls
+        self.outbound.reconfigure(new)
+        self.config = new
+        if self._on_reconfigure is not None:
+            self._on_reconfigure(new)
+        self.metrics.config_reloads.labels("success").inc()
+        logger.info("configuration reloaded from %s", new.path)
+        return True
+
+    def graceful_shutdown(self) -> defer.Deferred[None]:
+        """Stop accepting, drain for at most `shutdown_grace`, stop the reactor."""
+        if self._stopping:
+            return defer.succeed(None)
+        self._stopping = True
+        grace = self.config.shutdown_grace
+        logger.info("SIGTERM: no new connections; draining for at most %ss", grace)
+
+        async def run() -> None:
+            await defer.gatherResults(
+                [defer.maybeDeferred(p.stopService) for p in self._ports], consumeErrors=True
+            )
+            self.outbound.close_idle_tunnels()
+            drained = self.tracker.wait_idle()
+            timer = self.reactor.callLater(grace, drained.cancel)
+            try:
+                await drained
+                logger.info("all requests finished")
+            except defer.CancelledError:
+                logger.warning(
+                    "shutdown grace of %ss over: %d request(s) cut", grace, self.tracker.count
+                )
+            finally:
+                if timer.active():
+                    timer.cancel()
+            self.reactor.stop()
+
+        return defer.ensureDeferred(run())
+
+    def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
+        gauge = self.metrics.killswitch
+        gauge.clear()
+        for server, direction in engaged:
+            gauge.labels(server or "global", direction).set(1)
+        self.outbound.killswitch_changed(engaged)

@@ -1,0 +1,88 @@
+"""Kill-switch state: engage/lift semantics and persistence across restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sbg.policy.killswitch import KillSwitch, KillSwitchStateError
+
+
+class KillSwitchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.join(self.mktemp(), "state")
+
+    def test_global_switch_covers_every_server(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.engage(None, "inbound")
+        self.assertTrue(ks.is_killed("partner.example", "inbound"))
+        self.assertTrue(ks.is_killed(None, "inbound"))
+        self.assertFalse(ks.is_killed("partner.example", "outbound"))
+
+    def test_server_switch_covers_only_that_server(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.engage("a.example", "both")
+        self.assertTrue(ks.is_killed("a.example", "inbound"))
+        self.assertTrue(ks.is_killed("a.example", "outbound"))
+        self.assertFalse(ks.is_killed("b.example", "inbound"))
+        self.assertFalse(ks.is_killed(None, "inbound"))
+
+    def test_lift_one_direction(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.engage("a.example", "both")
+        ks.lift("a.example", "inbound")
+        self.assertFalse(ks.is_killed("a.example", "inbound"))
+        self.assertTrue(ks.is_killed("a.example", "outbound"))
+        self.assertEqual(
+            ks.as_json(), {"engaged": [{"server": "a.example", "direction": "outbound"}]}
+        )
+
+    def test_state_survives_a_new_instance(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.engage("a.example", "inbound")
+        ks.engage(None, "outbound")
+        again = KillSwitch(self.dir)
+        again.load()
+        self.assertEqual(again.engaged, ks.engaged)
+        self.assertTrue(again.is_killed("zzz", "outbound"))
+
+    def test_state_dir_created_private(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+
+    def test_written_atomically_no_temp_left(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.engage(None, "both")
+        self.assertEqual(sorted(os.listdir(self.dir)), ["killswitch.json"])
+        with open(ks.path) as f:
+            self.assertEqual(len(json.load(f)["engaged"]), 2)
+
+    def test_corrupt_state_refuses_to_start(self) -> None:
+        os.makedirs(self.dir)
+        with open(os.path.join(self.dir, "killswitch.json"), "w") as f:
+            f.write("{not json")
+        ks = KillSwitch(self.dir)
+        self.assertRaises(KillSwitchStateError, ks.load)
+
+    def test_listeners_notified(self) -> None:
+        seen = []
+        ks = KillSwitch(self.dir)
+        ks.load()
+        ks.on_change(seen.append)
+        ks.engage("a.example", "outbound")
+        ks.engage("a.example", "outbound")  # no change, no notification
+        self.assertEqual(seen, [frozenset({("a.example", "outbound")})])
+
+    def test_bad_direction(self) -> None:
+        ks = KillSwitch(self.dir)
+        ks.load()
+        self.assertRaises(ValueError, ks.engage, None, "sideways")
