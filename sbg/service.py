@@ -258,9 +258,21 @@ class GatewayService(MultiService):
 
         return defer.ensureDeferred(run())
 
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop listening, cut the tunnels, close the upstream connections."""
+        stopped = defer.maybeDeferred(super().stopService)
+        self.outbound.close_all_tunnels()
+        closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]
+        d = defer.gatherResults(closing, consumeErrors=True)
+        return d.addCallback(_discard)
+
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
         gauge = self.metrics.killswitch
         gauge.clear()
         for server, direction in engaged:
             gauge.labels(server or "global", direction).set(1)
         self.outbound.killswitch_changed(engaged)
+
+
+def _discard(_: object) -> None:
+    return None

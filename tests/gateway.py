@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.trial.unittest import TestCase
 
 from sbg.config.load import load_config
@@ -25,12 +25,13 @@ from sbg.service import GatewayService
 from tests.configtools import (
     INTERNAL_HOST,
     INTERNAL_SERVER,
+    PARTNER_HOST,
     PARTNER_SERVER,
     Material,
     make_material,
     write_config,
 )
-from tests.rawhttp import RawResponse, build_request, exchange, exchange_many
+from tests.rawhttp import RawResponse, build_request, exchange, exchange_many, tunnel_sync
 from tests.standin import StandinState, start_standin
 
 
@@ -108,6 +109,25 @@ class Gateway:
             ca_file=self.material.internal_ca.certificate,
         )
 
+    def outbound(
+        self,
+        connect: bytes,
+        requests: list[bytes],
+        *,
+        sni: str | None = PARTNER_HOST,
+        proxy_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> Any:
+        """CONNECT through the outbound listener and send `requests` inside."""
+        return threads.deferToThread(
+            tunnel_sync,
+            self.ports["outbound"],
+            connect,
+            requests,
+            sni=sni,
+            ca_file=self.material.outbound_ca.certificate,
+            proxy_headers=proxy_headers,
+        )
+
     def admin(self, request: bytes) -> Any:
         return exchange("127.0.0.1", self.ports["admin"], request)
 
@@ -158,9 +178,4 @@ async def start_gateway(
     ports: dict[str, int] = {}
     for listener, _address, lp in await service.listening():
         ports.setdefault(listener.type, lp.getHost().port)  # type: ignore[attr-defined]
-
-    async def close_pools() -> None:
-        await service.runtime.pool.closeCachedConnections()
-
-    test.addCleanup(close_pools)
     return Gateway(test, material, config, path, service, state, ports, audit)

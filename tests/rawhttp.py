@@ -74,25 +74,25 @@ def _read_response(sock: socket.socket | ssl.SSLSocket, method: bytes) -> RawRes
     chunked = (resp.header(b"transfer-encoding") or b"").lower() == b"chunked"
     if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
         return resp
-    body = rest
+    body = bytearray(rest)
     if length is not None:
         n = int(length)
         while len(body) < n:
-            chunk = sock.recv(65536)
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 resp.closed = True
                 break
             body += chunk
-        resp.body = body[:n]
+        resp.body = bytes(body[:n])
     elif chunked:
-        resp.body = _read_chunked(sock, body)
+        resp.body = _read_chunked(sock, bytes(body))
     else:
         while True:
-            chunk = sock.recv(65536)
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 break
             body += chunk
-        resp.body = body
+        resp.body = bytes(body)
         resp.closed = True
     return resp
 
@@ -156,3 +156,61 @@ def exchange(host: str, port: int, request: bytes, **kw: Any) -> Any:
 
 def exchange_many(host: str, port: int, requests: list[bytes], **kw: Any) -> Any:
     return threads.deferToThread(exchange_sync, host, port, requests, **kw)
+
+
+def tunnel_sync(
+    proxy_port: int,
+    connect: bytes,
+    requests: list[bytes],
+    *,
+    sni: str | None,
+    ca_file: str,
+    proxy_headers: list[tuple[bytes, bytes]] | None = None,
+    version: bytes = b"HTTP/1.0",
+    timeout: float = 10.0,
+) -> tuple[RawResponse, list[RawResponse], dict[str, Any]]:
+    """CONNECT through the proxy, TLS inside the tunnel, then the requests.
+
+    Returns the proxy's answer to CONNECT, the responses inside the tunnel,
+    and facts about the TLS session (the peer certificate, in DER).
+    """
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=timeout)
+    facts: dict[str, Any] = {}
+    try:
+        head = [b"CONNECT " + connect + b" " + version]
+        head += [k + b": " + v for k, v in (proxy_headers or [])]
+        raw.sendall(b"\r\n".join(head) + b"\r\n\r\n")
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = raw.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        head_bytes, _, rest = buf.partition(b"\r\n\r\n")
+        if not head_bytes:
+            return RawResponse(0, [], b"", closed=True), [], facts
+        lines = head_bytes.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = [(k.strip(), v.strip()) for k, _, v in (x.partition(b":") for x in lines[1:])]
+        answer = RawResponse(status, headers, rest, raw_head=head_bytes)
+        if status != 200:
+            while True:
+                chunk = raw.recv(4096)
+                if not chunk:
+                    break
+                answer.body += chunk
+            return answer, [], facts
+        ctx = ssl.create_default_context(cafile=ca_file)
+        if sni is None:
+            ctx.check_hostname = False
+        sock = ctx.wrap_socket(raw, server_hostname=sni)
+        facts["peer_cert"] = sock.getpeercert(binary_form=True)
+        out = []
+        for req in requests:
+            sock.sendall(req)
+            out.append(_read_response(sock, req.split(b" ", 1)[0]))
+            if out[-1].closed:
+                break
+        return answer, out, facts
+    finally:
+        raw.close()

@@ -124,9 +124,21 @@ class _StandinFactory(http.HTTPFactory):
         pass
 
 
-def start_standin(state: StandinState | None = None) -> tuple[StandinState, IListeningPort]:
+def start_standin(
+    state: StandinState | None = None,
+    tls: tuple[str, str] | None = None,
+    names: tuple[str, ...] = ("matrix.partner.example",),
+) -> tuple[StandinState, IListeningPort]:
+    """Listen on 127.0.0.1:0; with `tls` = (certificate file, key file), over TLS."""
     state = state or StandinState()
-    port = _reactor.listenTCP(0, _StandinFactory(state), interface="127.0.0.1")  # type: ignore[attr-defined]
+    factory = _StandinFactory(state)
+    if tls is None:
+        port = _reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        return state, port
+    from sbg.tls.server import build_sni_server_context
+
+    options = build_sni_server_context([(list(names), tls[0], tls[1])])
+    port = _reactor.listenSSL(0, factory, options, interface="127.0.0.1")  # type: ignore[attr-defined]
     return state, port
 
 

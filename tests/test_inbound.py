@@ -13,8 +13,8 @@ import json
 from signedjson.key import generate_signing_key
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
 
+from tests.asynctest import TestCase
 from tests.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
 from tests.gateway import assert_refused, start_gateway
 from tests.rawhttp import build_request

@@ -60,9 +60,9 @@ _PHRASES = {
 
 def parse_head(head: bytes) -> tuple[bytes, bytes, bytes, dict[bytes, list[bytes]]]:
     """Parse a proxy request head (no body): method, target, version, headers."""
-    if b"\r\n" not in head:
-        raise _Refusal(400, "malformed proxy request", "malformed_request")
     lines = head.split(b"\r\n")
+    if any(b"\n" in line or b"\r" in line for line in lines):
+        raise _Refusal(400, "bare CR or LF in proxy request", "malformed_request")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         raise _Refusal(400, "malformed proxy request line", "malformed_request")

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -191,6 +192,17 @@ class OutboundState:
                 logger.warning("kill switch: closing %s", t.describe())
                 conn.close()
 
+    def close_all_tunnels(self) -> None:
+        for conn in list(self._tunnels):
+            conn.close()
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every upstream connection pool."""
+        pools = [pool.closeCachedConnections() for _agent, pool in self._clients.values()]
+        self._clients.clear()
+        d = defer.gatherResults(pools, consumeErrors=True)
+        return d.addCallback(_discard)
+
     def close_idle_tunnels(self) -> None:
         for conn in list(self._tunnels):
             conn.close_if_idle()
@@ -257,4 +269,8 @@ def _addresses_for(tunnel: Tunnel) -> tuple[str, int] | None:
     for name, addr in tunnel.server.addresses:
         if name == target:
             return addr
+    return None
+
+
+def _discard(_: object) -> None:
     return None
