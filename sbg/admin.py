@@ -77,8 +77,12 @@ class KillSwitchResource(resource.Resource):
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
         if len(values) != 1:
             return False
-        expected = b"Bearer " + token.encode()
-        return hmac.compare_digest(values[0], expected)
+        # The scheme is case-insensitive (RFC 7235); the token is compared
+        # in constant time.
+        scheme, _, credentials = values[0].strip(b" ").partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credentials.lstrip(b" "), token.encode())
 
     def render_GET(self, request: Request) -> bytes:
         if not self._authorised(request):

@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not open the certificate, key, CA and password files",
     )
 
+    keys = sub.add_parser("keys", help="external servers' signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    keys_sub.required = True
+    kf = keys_sub.add_parser("fetch", help="fetch and check a server's keys; print verify_keys")
+    kf.add_argument("server_name")
+    kf.add_argument("--host", help="HOST[:PORT] to connect to (default: SERVER_NAME, port 8448)")
+    kf.add_argument("--ca", help="trust only this CA file (default: the system roots)")
+
     ca = sub.add_parser("ca", help="the outbound interception CA")
     ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", parser_class=_Parser)
     ca_sub.required = True
@@ -57,6 +65,10 @@ def main(
             from sbg.commands.check_config import run as check_config
 
             return int(check_config(args.file, args.skip_files, out, err))
+        if args.command == "keys":
+            from sbg.commands.keys_fetch import run as keys_fetch
+
+            return int(keys_fetch(args.server_name, args.host, args.ca, out, err))
         if args.command == "ca":
             from sbg.commands.ca_init import run as ca_init
 

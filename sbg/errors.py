@@ -43,3 +43,63 @@ class ConfigErrors(Exception):
 
     def lines(self) -> list[str]:
         return [str(e) for e in self.errors]
+
+
+# Every refusal code sbg uses: the `code` of each `SbgError` raised anywhere
+# in sbg/, and the connection-limit reasons. These are the only values of the
+# `reason` label of `sbg_refusals_total`; the README's table documents each
+# one, and tests/test_refusal_codes.py checks both against the source.
+REFUSAL_CODES: frozenset[str] = frozenset(
+    {
+        # inbound routing and the endpoint table
+        "unknown_host",
+        "sni_mismatch",
+        "malformed_target",
+        "unknown_endpoint",
+        "method_not_allowed",
+        # kill switch
+        "killswitch",
+        # authentication
+        "missing_auth",
+        "multiple_auth",
+        "malformed_auth",
+        "unknown_origin",
+        "source_ip",
+        "bad_destination",
+        "unknown_key",
+        "bad_signature",
+        # bodies
+        "body_too_large",
+        "bad_json",
+        "unexpected_body",
+        # trust levels
+        "group_not_allowed",
+        # origin consistency (contract 5.3)
+        "origin_mismatch",
+        "pdu_sender_mismatch",
+        "edu_user_mismatch",
+        "to_device_sender_mismatch",
+        "membership_user_mismatch",
+        "impersonates_internal_user",
+        "malformed_content",
+        "untrusted_relayed_sender",
+        # outbound proxy
+        "plain_http",
+        "proxy_auth",
+        "malformed_request",
+        "unknown_destination",
+        "host_mismatch",
+        "discovery_only",
+        "non_matrix_not_allowed",
+        "no_ca",
+        "upstream_no_trust",
+        # resource limits
+        "overloaded",
+        "max_connections",
+        "max_connections_per_ip",
+        "rate_limited_ip",
+        "rate_limited_origin",
+        # a bug in sbg (answered 500, logged with its traceback)
+        "internal_error",
+    }
+)

@@ -19,8 +19,10 @@ from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.config.model import InternalHomeserver
+from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
 from sbg.policy.killswitch import KillSwitch
+from sbg.policy.ratelimit import InflightBudget, RateLimiter
 from sbg.policy.snapshot import Policy
 from sbg.tls.client import ClientTLSPolicy
 
@@ -61,7 +63,11 @@ class Runtime:
         # Below the idle timeout of the servers behind (Synapse: 60 s), so
         # a request is not written to a connection the server just closed.
         self.pool.cachedConnectionTimeout = 20
+        self.inflight = InflightBudget()
+        self.rate_limiter = RateLimiter(reactor.seconds)
         self._upstream_agents: dict[tuple[str, str | None], IAgent] = {}
+        # Fetched signing keys outlive policy snapshots (contract 5.2).
+        self.key_fetcher = KeyFetcher(reactor, self.client_tls)
 
     @property
     def policy(self) -> Policy:

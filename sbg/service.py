@@ -18,7 +18,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import (
-    SSL4ServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
@@ -28,14 +27,17 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import ILogObserver
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from sbg.admin import admin_site
 from sbg.audit import AuditLog
+from sbg.certmetrics import update_certificate_expiry
 from sbg.config.load import load_config
 from sbg.config.model import Config, Listener
 from sbg.errors import ConfigErrors
+from sbg.http.limits import LimitedFactory
 from sbg.http.pipeline import InflightTracker
 from sbg.http.site import BorderHTTPFactory
 from sbg.inbound.handler import InboundHandler
@@ -100,6 +102,7 @@ class GatewayService(MultiService):
         self.outbound = OutboundState(self.runtime, self.tracker)
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
+        update_certificate_expiry(config, self.metrics)
         self._inbound_tls: _SwappableServerTLS | None = None
         self._ports: list[StreamServerEndpointService] = []
         self._port_owners: list[tuple[Listener, str]] = []
@@ -125,13 +128,20 @@ class GatewayService(MultiService):
 
     def _factory_for(self, listener: Listener) -> Any:
         if listener.type == "inbound":
-            return BorderHTTPFactory(
+            http_factory: Any = BorderHTTPFactory(
                 InboundHandler(self.runtime, listener, self.tracker),
                 self.reactor,
                 idle_timeout=self.config.inbound.idle_timeout,
             )
+            if listener.tls:
+                if self._inbound_tls is None:
+                    self._inbound_tls = _SwappableServerTLS(
+                        build_sni_server_context(inbound_tls_entries(self.config))
+                    )
+                http_factory = TLSMemoryBIOFactory(self._inbound_tls, False, http_factory)
+            return self._limited(http_factory, "inbound")
         if listener.type == "outbound":
-            return OutboundProxyFactory(self.outbound)
+            return self._limited(OutboundProxyFactory(self.outbound), "outbound")
         site = admin_site(
             self.killswitch,
             lambda: self.runtime.policy,
@@ -140,15 +150,17 @@ class GatewayService(MultiService):
         )
         return site
 
+    def _limited(self, factory: Any, direction: str) -> LimitedFactory:
+        """Connection limits outside everything else (TLS included)."""
+
+        def refused(reason: str) -> None:
+            self.metrics.refusals.labels(direction, "unknown", reason).inc()
+
+        return LimitedFactory(factory, lambda: self.runtime.policy.config.limits, refused)
+
     def _endpoint(self, listener: Listener, address: str) -> IStreamServerEndpoint:
-        if listener.type == "inbound" and listener.tls:
-            if self._inbound_tls is None:
-                self._inbound_tls = _SwappableServerTLS(
-                    build_sni_server_context(inbound_tls_entries(self.config))
-                )
-            return SSL4ServerEndpoint(
-                self.reactor, listener.port, self._inbound_tls, interface=address
-            )
+        # TLS, where a listener has it, is inside the factory (see
+        # _factory_for), so connection limits apply before any handshake.
         if ":" in address:
             return TCP6ServerEndpoint(self.reactor, listener.port, interface=address)
         return TCP4ServerEndpoint(self.reactor, listener.port, interface=address)
@@ -223,6 +235,7 @@ class GatewayService(MultiService):
             self._inbound_tls.current = tls
         self.outbound.reconfigure(new)
         self.config = new
+        update_certificate_expiry(new, self.metrics)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)
         self.metrics.config_reloads.labels("success").inc()

@@ -34,8 +34,12 @@ class StandinState:
     media_size: int = 0
     chunk: int = 64 * 1024
     media_sent: int = 0
+    port: int = 0
     status: int = 200
     response_body: bytes = b'{"ok": true}'
+    # Seconds to wait before answering (a slow upstream); the request is
+    # recorded on arrival.
+    delay: float = 0.0
 
     @property
     def raw_bytes(self) -> bytes:
@@ -57,6 +61,14 @@ class _StandinRequest(http.Request):
         )
         if self.path.startswith(b"/_matrix/federation/v1/media/") and state.media_size:
             self._stream(state)
+            return
+        if state.delay > 0:
+            _reactor.callLater(state.delay, self._answer, state)  # type: ignore[attr-defined]
+            return
+        self._answer(state)
+
+    def _answer(self, state: StandinState) -> None:
+        if self._disconnected:
             return
         self.setResponseCode(state.status)
         self.setHeader(b"Content-Type", b"application/json")
@@ -134,11 +146,13 @@ def start_standin(
     factory = _StandinFactory(state)
     if tls is None:
         port = _reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        state.port = port.getHost().port
         return state, port
     from sbg.tls.server import build_sni_server_context
 
     options = build_sni_server_context([(list(names), tls[0], tls[1])])
     port = _reactor.listenSSL(0, factory, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+    state.port = port.getHost().port
     return state, port
 
 

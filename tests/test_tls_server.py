@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from sbg.tls.pem import PemError
 from sbg.tls.server import build_sni_server_context, normalise_name, sni_of
+from tests.asynctest import TestCase
 from tests.tlstools import (
     CertFiles,
+    ProbeResult,
     RawClientCreator,
     RecordingServerFactory,
-    deferred_test,
     issue_cert,
     listen_tls,
     load_cert,
@@ -65,11 +68,10 @@ class SNISelectionTests(TestCase):
         self.port = listen_tls(reactor, self.factory, self.server)
         self.addCleanup(self.port.stopListening)
 
-    def _probe(self, creator: object, port: object = None) -> object:
+    def _probe(self, creator: Any, port: Any = None) -> Deferred[ProbeResult]:
         p = port or self.port
-        return probe_tls(reactor, p.getHost().port, creator, b"ping")  # type: ignore[attr-defined]
+        return probe_tls(reactor, p.getHost().port, creator, b"ping")
 
-    @deferred_test
     async def test_sni_a_gets_a_with_its_intermediate(self) -> None:
         # The client trusts the root only and checks the name: this handshake
         # succeeds only if the intermediate is served as well.
@@ -79,7 +81,6 @@ class SNISelectionTests(TestCase):
         self.assertEqual(r.chain[1:], [self.inter_cert])
         self.assertEqual(r.data, b"pong")
 
-    @deferred_test
     async def test_sni_b_any_case_and_second_name(self) -> None:
         for name in ("hs-b.test", "HS-B.TEST", "b.example"):
             r = await self._probe(RawClientCreator(name.encode(), ca_file=self.root.certificate))
@@ -89,7 +90,6 @@ class SNISelectionTests(TestCase):
         r = await self._probe(optionsForClientTLS("b.example", _trust(self.root)))
         self.assertTrue(r.handshake_done, r.reason)
 
-    @deferred_test
     async def test_unknown_and_absent_sni_get_the_default(self) -> None:
         for sni in (b"unknown.test", None):
             r = await self._probe(RawClientCreator(sni))
@@ -100,7 +100,6 @@ class SNISelectionTests(TestCase):
         self.assertFalse(r.data)
         self.assertIsNotNone(r.reason)
 
-    @deferred_test
     async def test_default_index(self) -> None:
         factory = build_sni_server_context(self.entries, default_index=1)
         port = listen_tls(reactor, factory, RecordingServerFactory())
@@ -110,7 +109,6 @@ class SNISelectionTests(TestCase):
         r = await self._probe(RawClientCreator(b"hs-a.test"), port)
         self.assertEqual(san_dns(r.leaf), ["hs-a.test"])
 
-    @deferred_test
     async def test_sni_of_in_a_site_behind_listen_ssl(self) -> None:
         # What the inbound listener does: SSL4ServerEndpoint/listenSSL + Site.
         site = _H2Site(_SNIResource())
@@ -128,13 +126,11 @@ class SNISelectionTests(TestCase):
         self.assertEqual(r.alpn, b"http/1.1")
         self.assertTrue(r.data.endswith(b"\r\n\r\n-"), r.data)
 
-    @deferred_test
     async def test_alpn_h2_only_gets_no_protocol(self) -> None:
         r = await self._probe(RawClientCreator(b"hs-a.test", alpn=[b"h2"]))
         self.assertTrue(r.handshake_done, r.reason)
         self.assertIsNone(r.alpn)
 
-    @deferred_test
     async def test_tls_1_1_refused_1_2_accepted(self) -> None:
         old = RawClientCreator(b"hs-a.test", max_version=SSL.TLS1_1_VERSION)
         r = await self._probe(old)

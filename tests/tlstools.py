@@ -17,7 +17,7 @@ Loopback TLS (real sockets on 127.0.0.1, port 0):
   every byte of application data it receives and answers `answer` to it.
 - `probe_tls(reactor, port, creator, send=b"")` -> Deferred[`ProbeResult`]:
   connects, sends `send` once TLS is up, reads until the server closes (or
-  `close_after_handshake`), and reports the peer's certificate chain, the
+  nothing to send), and reports the peer's certificate chain, the
   ALPN protocol, the bytes received and the reason the connection ended.
 - `RawClientCreator(sni=..., ca_file=..., alpn=[...], max_version=...)`: a
   client connection creator that sends exactly the SNI it is given (or none)
@@ -86,11 +86,12 @@ def _write(path: str, data: bytes, mode: int = 0o644) -> None:
 
 
 def _key_pem(key: Any) -> bytes:
-    return key.private_bytes(
+    data: bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    return data
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -223,14 +224,16 @@ def san_ips(cert: x509.Certificate) -> list[str]:
 
 
 class RecordingServerProtocol(Protocol):
+    factory: RecordingServerFactory
+
     def connectionMade(self) -> None:
-        self.factory.connections.append(self)  # type: ignore[attr-defined]
+        self.factory.connections.append(self)
         self.received = b""
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
-        self.factory.received.append(data)  # type: ignore[attr-defined]
-        answer = self.factory.answer  # type: ignore[attr-defined]
+        self.factory.received.append(data)
+        answer = self.factory.answer
         if answer is not None:
             self.transport.write(answer)  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
@@ -311,9 +314,15 @@ def probe_tls(
     creator: Any,
     send: bytes = b"",
     *,
-    close_after_handshake: bool = False,
+    close_after_handshake: bool | None = None,
 ) -> defer.Deferred[ProbeResult]:
-    """Connect to 127.0.0.1:PORT with TLS from `creator`; see the module docstring."""
+    """Connect to 127.0.0.1:PORT with TLS from `creator`; see the module docstring.
+
+    With nothing to send, the probe closes once the handshake is done
+    (unless `close_after_handshake` says otherwise).
+    """
+    if close_after_handshake is None:
+        close_after_handshake = not send
     probe = _Probe(send, close_after_handshake)
     factory = TLSMemoryBIOFactory(creator, True, _ProbeFactory(probe))
     reactor.connectTCP("127.0.0.1", port, factory, timeout=10)

@@ -78,7 +78,20 @@ _TOP_KEYS = (
     "internal_homeservers",
     "external_homeservers",
     "trust_levels",
+    "mode",
+    "limits",
 )
+_LIMITS_KEYS = (
+    "max_connections",
+    "max_connections_per_ip",
+    "max_inflight_upstream",
+    "max_inflight_per_server",
+    "max_tunnels",
+    "header_timeout",
+    "rate_limit_per_ip",
+)
+_RATE_LIMIT_KEYS = ("per_second", "burst")
+MODES = ("enforce", "monitor")
 _LISTENER_KEYS = ("type", "port", "bind_addresses", "tls", "x_forwarded")
 _INBOUND_KEYS = ("max_body_size", "request_timeout", "idle_timeout", "strict_origin_checks")
 _OUTBOUND_KEYS = (
@@ -106,7 +119,7 @@ _EXTERNAL_KEYS = (
     "trust_level",
     "enabled",
 )
-_TRUST_LEVEL_KEYS = ("inbound", "outbound")
+_TRUST_LEVEL_KEYS = ("inbound", "outbound", "mode", "rate_limit")
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_ID = re.compile(r"ed25519:[A-Za-z0-9_]+")
@@ -625,6 +638,8 @@ class _Reader:
         internals = self.internal_homeservers(top)
         externals = self.external_homeservers(top)
         trust_levels = self.trust_levels(top)
+        mode = self.choice(top, "mode", "", MODES, "enforce")
+        limits = self.limits(top.get("limits"))
 
         self.check_listeners(listeners, outbound, internals, admin_token_file)
         self.check_names(internals, externals)
@@ -647,6 +662,8 @@ class _Reader:
             internal_homeservers=tuple(hs for _, hs in internals),
             external_homeservers=tuple(hs for _, hs in externals),
             trust_levels=trust_levels or (),
+            mode=cast(model.Mode, mode),
+            limits=limits,
         )
 
     def listeners(self, top: Mapping[str, object]) -> list[tuple[str, model.Listener]]:
@@ -1015,14 +1032,57 @@ class _Reader:
             if m is None:
                 result.append(model.TrustLevel(name, frozenset(), frozenset()))
                 continue
+            level_mode = self.choice(m, "mode", path, MODES, "") or None
             result.append(
                 model.TrustLevel(
                     name=name,
                     inbound=self.groups(m, "inbound", path),
                     outbound=self.groups(m, "outbound", path),
+                    mode=cast(model.Mode | None, level_mode),
+                    rate_limit=self.rate_limit(m.get("rate_limit"), key_path(path, "rate_limit")),
                 )
             )
         return tuple(result)
+
+    def rate_limit(self, value: object, path: str) -> model.RateLimit | None:
+        """A `{per_second, burst}` token bucket; null means unlimited."""
+        if value is None:
+            return None
+        m = self.mapping(value, path, _RATE_LIMIT_KEYS)
+        if m is None:
+            return None
+        p = key_path(path, "per_second")
+        rate = m.get("per_second")
+        if rate is None:
+            self.error(p, "is required")
+            return None
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+            self.error(p, f"must be a number greater than 0, not {rate!r}")
+            return None
+        default_burst = max(1, int(rate))
+        burst = self.integer(m, "burst", path, default=default_burst, minimum=1)
+        return model.RateLimit(float(rate), burst or default_burst)
+
+    def limits(self, value: object) -> model.Limits:
+        m = self.mapping(value, "limits", _LIMITS_KEYS)
+        d = model.Limits()
+        if m is None:
+            return d
+
+        def count(key: str, default: int) -> int:
+            return self.integer(m, key, "limits", default=default, minimum=1) or default
+
+        return model.Limits(
+            max_connections=count("max_connections", d.max_connections),
+            max_connections_per_ip=count("max_connections_per_ip", d.max_connections_per_ip),
+            max_inflight_upstream=count("max_inflight_upstream", d.max_inflight_upstream),
+            max_inflight_per_server=count("max_inflight_per_server", d.max_inflight_per_server),
+            max_tunnels=count("max_tunnels", d.max_tunnels),
+            header_timeout=self.duration(m, "header_timeout", "limits", d.header_timeout),
+            rate_limit_per_ip=self.rate_limit(
+                m.get("rate_limit_per_ip"), key_path("limits", "rate_limit_per_ip")
+            ),
+        )
 
     def groups(self, m: Mapping[str, object], key: str, path: str) -> frozenset[str]:
         result = set()

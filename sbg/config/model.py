@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ListenerType = Literal["inbound", "outbound", "admin"]
+Mode = Literal["enforce", "monitor"]
 Direction = Literal["inbound", "outbound"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -117,10 +118,35 @@ class ExternalHomeserver:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: `per_second` tokens added per second, up to `burst`."""
+
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource bounds (all per process)."""
+
+    max_connections: int = 10000  # per listener
+    max_connections_per_ip: int = 256  # per listener and peer address
+    max_inflight_upstream: int = 1024  # requests being forwarded, all servers
+    max_inflight_per_server: int = 256  # requests being forwarded, one external server
+    max_tunnels: int = 4096  # open outbound CONNECT tunnels
+    header_timeout: float = 30.0  # to receive a whole request (slowloris)
+    rate_limit_per_ip: RateLimit | None = None  # inbound, per peer address
+
+
+@dataclass(frozen=True)
 class TrustLevel:
     name: str
     inbound: frozenset[str]
     outbound: frozenset[str]
+    # None: the global `mode`.
+    mode: Mode | None = None
+    # Inbound requests per origin server; None: unlimited.
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True)
@@ -139,5 +165,7 @@ class Config:
     internal_homeservers: tuple[InternalHomeserver, ...] = ()
     external_homeservers: tuple[ExternalHomeserver, ...] = ()
     trust_levels: tuple[TrustLevel, ...] = ()
+    mode: Mode = "enforce"
+    limits: Limits = Limits()
     # Processes serving the listeners (a later multi-process mode); >= 1.
     workers: int = 1

@@ -8,7 +8,7 @@ writes exactly one audit record and the metrics for it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -29,6 +29,13 @@ class RequestContext:
     record: AuditRecord
     # The configured external server this request is about (metric label).
     server: str = UNKNOWN
+    # Refusal codes monitor mode let through (counted, logged as would_deny).
+    would_deny: list[str] = field(default_factory=list)
+
+    def allow(self) -> None:
+        """The request is forwarded (a would_deny decision stays one)."""
+        if not self.would_deny:
+            self.record.decision = "allow"
 
 
 class InflightTracker:
@@ -77,6 +84,17 @@ class Pipeline:
     async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
         raise NotImplementedError
 
+    def soft_refusal(self, ctx: RequestContext, err: SbgError, mode: str) -> None:
+        """A trust-level or origin-consistency refusal, which monitor mode
+        turns into a logged and counted `would_deny` that lets the request
+        through. Authentication refusals never come here."""
+        if mode != "monitor":
+            raise err
+        ctx.would_deny.append(err.code)
+        ctx.record.decision = "would_deny"
+        ctx.record.reason = err.reason
+        self._metrics.refusals.labels(self.direction, ctx.server, err.code).inc()
+
     def peer(self, request: BorderRequest) -> str:
         return request.peer_host()
 
@@ -106,7 +124,9 @@ class Pipeline:
             record.status = e.status
             record.reason = e.reason
             self._metrics.refusals.labels(self.direction, ctx.server, e.code).inc()
-            record.bytes_out = send_error(request, e)
+            retry = getattr(e, "retry_after_ms", None)
+            extra = {"retry_after_ms": retry} if isinstance(retry, int) else None
+            record.bytes_out = send_error(request, e, extra)
         except ClientGone:
             record.status = 499
             record.reason = record.reason or "client went away"

@@ -27,6 +27,8 @@ class RequestHandler(Protocol):
 
     def max_body_size(self) -> int: ...
 
+    def header_timeout(self) -> float: ...
+
 
 class BorderRequest(http.Request):
     """A request whose body is read into memory up to a cap, never beyond.
@@ -46,12 +48,38 @@ class BorderRequest(http.Request):
         self.too_large = False
         self.bytes_in = 0
         self._cap = 0
-        self.handler: RequestHandler | None = None
+        factory = channel.factory if channel is not None else None
+        self.handler: RequestHandler | None = getattr(factory, "handler", None)
+        # The whole request (head and body) must arrive within the header
+        # timeout: the channel's idle timeout alone lets a client that sends
+        # a byte now and then hold a connection forever.
+        self._read_timer: Any = None
+        call_later = getattr(channel, "callLater", None)
+        if self.handler is not None and call_later is not None:
+            self._read_timer = call_later(self.handler.header_timeout(), self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._read_timer = None
+        logger.info("request from %s not received in time: closing", self.peer_host())
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None and self._read_timer.active():
+            self._read_timer.cancel()
+        self._read_timer = None
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_read_timer()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_read_timer()
+        super().connectionLost(reason)
 
     def gotLength(self, length: int | None) -> None:
-        factory = self.channel.factory if self.channel is not None else None
-        handler: RequestHandler | None = getattr(factory, "handler", None)
-        self.handler = handler
+        handler = self.handler
         self._cap = handler.max_body_size() if handler is not None else 0
         self.content = io.BytesIO()
         if length is not None and length > self._cap:
@@ -99,6 +127,13 @@ def send_error(request: http.Request, err: SbgError, extra: dict[str, Any] | Non
 def send_json(request: http.Request, status: int, body: object) -> int:
     data = json.dumps(body).encode()
     if request.finished or request._disconnected:
+        return 0
+    if request.startedWriting:
+        # Too late for a status: cut the connection so the client sees a
+        # truncated response rather than a silently wrong one.
+        transport = request.channel.transport if request.channel is not None else None
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
         return 0
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet import threads
 
-from sbg.config.model import ExternalHomeserver, InternalHomeserver, Listener
+from sbg.config.model import ExternalHomeserver, InternalHomeserver, Listener, RateLimit
 from sbg.errors import SbgError
 from sbg.hosts import HostParseError, parse_authority, parse_sni
 from sbg.http.forward import forward, request_headers_for_upstream
@@ -29,6 +29,14 @@ from sbg.tls.server import sni_of
 # Bodies above this are parsed and verified in the thread pool, so a
 # multi-megabyte transaction never blocks the reactor.
 THREAD_THRESHOLD = 256 * 1024
+
+
+class RateLimited(SbgError):
+    """429 with the time to wait, as Synapse's clients expect it."""
+
+    def __init__(self, retry_after_ms: int, code: str) -> None:
+        super().__init__(429, "M_LIMIT_EXCEEDED", "too many requests", code)
+        self.retry_after_ms = retry_after_ms
 
 
 def _not_found(reason: str, code: str) -> SbgError:
@@ -70,6 +78,9 @@ class InboundHandler(Pipeline):
         super().__init__(runtime.audit, runtime.metrics, tracker)
         self._rt = runtime
         self._listener = listener
+
+    def header_timeout(self) -> float:
+        return self._rt.policy.config.limits.header_timeout
 
     def max_body_size(self) -> int:
         return self._rt.policy.config.inbound.max_body_size
@@ -134,6 +145,10 @@ class InboundHandler(Pipeline):
         # Row 3: the global kill switch.
         if self._rt.killswitch.is_killed(None, "inbound"):
             raise _forbidden("the border is closed (kill switch)", "killswitch")
+        # Per peer address rate limit, before any expensive work.
+        per_ip = policy.config.limits.rate_limit_per_ip
+        if per_ip is not None:
+            self._rate_limit("ip:" + rec.peer, per_ip, "rate_limited_ip")
 
         auth: XMatrixAuth | None = None
         origin: ExternalHomeserver | None = None
@@ -157,7 +172,8 @@ class InboundHandler(Pipeline):
                     "bad_destination",
                 )
         elif endpoint.group not in policy.inbound_groups_any:
-            raise _forbidden(f"endpoint group {endpoint.group} is not allowed", "group_not_allowed")
+            err = _forbidden(f"endpoint group {endpoint.group} is not allowed", "group_not_allowed")
+            self.soft_refusal(ctx, err, policy.config.mode)
 
         # Row 7: the body fits.
         if request.too_large:
@@ -165,37 +181,94 @@ class InboundHandler(Pipeline):
         body = request.body()
         # Rows 8 and 9: strict JSON, then the signature over that same parse.
         keys = policy.keyring.keys_for(auth.origin) if auth is not None else {}
+        fetcher = self._rt.key_fetcher
+        if origin is not None:
+            keys = fetcher.keys_for(origin, keys)
         method = request.method.decode("ascii")
-        args = (body, endpoint.json_body, auth, method, request.uri, internal.server_name, keys)
-        if len(body) > THREAD_THRESHOLD:
-            content = await threads.deferToThreadPool(
-                self._rt.reactor,
-                self._rt.reactor.getThreadPool(),
-                _parse_and_verify,
-                *args,
-            )
-        else:
-            content = _parse_and_verify(*args)
+
+        async def parse_and_verify(keys: Any) -> dict[str, Any] | None:
+            args = (body, endpoint.json_body, auth, method, request.uri, internal.server_name, keys)
+            if len(body) > THREAD_THRESHOLD:
+                parsed: dict[str, Any] | None = await threads.deferToThreadPool(
+                    self._rt.reactor,
+                    self._rt.reactor.getThreadPool(),
+                    _parse_and_verify,
+                    *args,
+                )
+                return parsed
+            return _parse_and_verify(*args)
+
+        try:
+            content = await parse_and_verify(keys)
+        except SbgError as e:
+            # Row 9, `key_fetch: fetch`: an unknown key id may be a rotated
+            # key; ask the server (at most once a minute) and retry once.
+            if e.code != "unknown_key" or origin is None or auth is None:
+                raise
+            if origin.key_fetch != "fetch":
+                raise
+            if not await fetcher.refresh(origin, policy.config.outbound):
+                raise
+            keys = fetcher.keys_for(origin, policy.keyring.keys_for(auth.origin))
+            if auth.key_id not in keys:
+                raise
+            content = await parse_and_verify(keys)
 
         if auth is not None and origin is not None:
+            # The origin's rate limit, counted only now that the signature
+            # proved who it is: nobody can spend a partner's budget.
+            level = policy.trust_levels.get(origin.trust_level)
+            if level is not None and level.rate_limit is not None:
+                self._rate_limit(
+                    "origin:" + origin.server_name, level.rate_limit, "rate_limited_origin"
+                )
+            mode = policy.mode(origin)
             # Row 10: the origin's trust level allows this group inbound.
             if endpoint.group not in policy.groups(origin, "inbound"):
-                raise _forbidden(
+                err = _forbidden(
                     f"endpoint group {endpoint.group} is not allowed for {origin.server_name}",
                     "group_not_allowed",
                 )
+                self.soft_refusal(ctx, err, mode)
             # Row 11: the origin speaks only for itself.
             if policy.config.inbound.strict_origin_checks:
-                check_origin_consistency(
-                    endpoint.name,
-                    match.params,
-                    auth.origin,
-                    content,
-                    internal_servers=policy.internal_names,
-                    external_servers=policy.enabled_external_names,
-                )
+                try:
+                    check_origin_consistency(
+                        endpoint.name,
+                        match.params,
+                        auth.origin,
+                        content,
+                        internal_servers=policy.internal_names,
+                        external_servers=policy.enabled_external_names,
+                    )
+                except SbgError as err:
+                    self.soft_refusal(ctx, err, mode)
 
-        rec.decision = "allow"
+        ctx.allow()
+        limits = policy.config.limits
+        budget = self._rt.inflight
+        server = origin.server_name if origin is not None else None
+        if not budget.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
+            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
+        try:
+            await self._forward(request, ctx, policy, internal, body)
+        finally:
+            budget.release(server)
+
+    def _rate_limit(self, key: str, limit: RateLimit, code: str) -> None:
+        wait = self._rt.rate_limiter.take(key, limit)
+        if wait > 0:
+            raise RateLimited(int(wait * 1000) + 1, code)
+
+    async def _forward(
+        self,
+        request: BorderRequest,
+        ctx: RequestContext,
+        policy: Policy,
+        internal: InternalHomeserver,
+        body: bytes,
+    ) -> None:
+        rec = ctx.record
         _client, xff = self._forwarded_for(request)
         headers = request_headers_for_upstream(request.requestHeaders, xff)
         agent = self._rt.upstream_agent(internal)

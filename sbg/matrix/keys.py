@@ -48,6 +48,9 @@ def _verify_key(key_id: str, raw: bytes) -> VerifyKey:
 class KeyRing:
     """The keys each external server may sign requests with.
 
+    Pinned keys never change after construction; the fetched-key cache is
+    mutable and meant to be used from the reactor thread only.
+
     Args:
         pinned: server name -> key id -> 32 raw public key bytes.
         fetch_servers: the servers in `key_fetch: fetch` mode, the only ones

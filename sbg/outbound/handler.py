@@ -38,6 +38,9 @@ class OutboundHandler(Pipeline):
         self._state = state
         self._tunnel = tunnel
 
+    def header_timeout(self) -> float:
+        return self._tunnel.policy.config.limits.header_timeout
+
     def max_body_size(self) -> int:
         return self._tunnel.policy.config.inbound.max_body_size
 
@@ -88,7 +91,7 @@ class OutboundHandler(Pipeline):
                 )
             if ks.is_killed(None, "outbound"):
                 raise _forbidden("the border is closed (kill switch)", "killswitch")
-            rec.decision = "allow"
+            ctx.allow()
             await self._forward(request, ctx, host, None, settings.default_trust)
             return
 
@@ -118,12 +121,13 @@ class OutboundHandler(Pipeline):
         # Row 5: kill switch.
         if ks.is_killed(server.server_name, "outbound"):
             raise _forbidden(f"{server.server_name} is cut off (kill switch)", "killswitch")
-        # Row 6: trust level.
+        # Row 6: trust level (monitor mode lets it through, logged).
         if group not in policy.groups(server, "outbound"):
-            raise _forbidden(
+            err = _forbidden(
                 f"endpoint group {group} is not allowed for {server.server_name}",
                 "group_not_allowed",
             )
+            self.soft_refusal(ctx, err, policy.mode(server))
         # Row 7: the signed destination and origin.
         auth_headers = request.requestHeaders.getRawHeaders(b"authorization")
         if auth_headers:
@@ -143,10 +147,29 @@ class OutboundHandler(Pipeline):
             raise _forbidden("federation request without X-Matrix signature", "missing_auth")
         if request.too_large:
             raise SbgError(413, "M_TOO_LARGE", "request body too large", "body_too_large")
-        rec.decision = "allow"
+        ctx.allow()
         await self._forward(request, ctx, host, server.tls_ca, settings.default_trust)
 
     async def _forward(
+        self,
+        request: BorderRequest,
+        ctx: RequestContext,
+        tls_name: str,
+        ca_file: str | None,
+        default_trust: str,
+    ) -> None:
+        tunnel = self._tunnel
+        limits = tunnel.policy.config.limits
+        budget = self._state.runtime.inflight
+        server = tunnel.server_name
+        if not budget.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
+            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
+        try:
+            await self._forward_within_budget(request, ctx, tls_name, ca_file, default_trust)
+        finally:
+            budget.release(server)
+
+    async def _forward_within_budget(
         self,
         request: BorderRequest,
         ctx: RequestContext,

@@ -39,8 +39,10 @@ MAX_UPSTREAM_CLIENTS = 256
 class TunnelRefused(SbgError):
     """A refused CONNECT; carries the configured server it was about, if any."""
 
-    def __init__(self, reason: str, code: str, destination: str | None = None) -> None:
-        super().__init__(403, "M_FORBIDDEN", reason, code)
+    def __init__(
+        self, reason: str, code: str, destination: str | None = None, status: int = 403
+    ) -> None:
+        super().__init__(status, "M_FORBIDDEN", reason, code)
         self.destination = destination
 
 
@@ -138,6 +140,8 @@ class OutboundState:
 
     def open_tunnel(self, policy: Policy, host: str, port: int) -> Tunnel:
         ks = self.runtime.killswitch
+        if len(self._tunnels) >= policy.config.limits.max_tunnels:
+            raise TunnelRefused("too many open tunnels", "overloaded", status=503)
         idle = policy.config.outbound.idle_timeout
         kind: TunnelKind = "federation"
         server = policy.external_for_federation_host(host, port)

@@ -149,6 +149,14 @@ class Policy:
                     return value
         return None
 
+    def mode(self, server: ExternalHomeserver | None) -> str:
+        """enforce | monitor: the server's trust level's, else the global one."""
+        if server is not None:
+            level = self.trust_levels.get(server.trust_level)
+            if level is not None and level.mode is not None:
+                return level.mode
+        return self.config.mode
+
     def groups(self, server: ExternalHomeserver, direction: str) -> frozenset[str]:
         level = self.trust_levels.get(server.trust_level)
         if level is None:

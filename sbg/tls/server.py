@@ -60,6 +60,23 @@ def normalise_name(name: str) -> str:
         return host.rstrip(".")
 
 
+def _use_identity(
+    ctx: SSL.Context, leaf: x509.Certificate, chain: Sequence[x509.Certificate], key: PrivateKey
+) -> None:
+    try:
+        # pyOpenSSL >= 24.3 takes cryptography objects (and deprecates its own).
+        ctx.use_certificate(leaf)
+        for cert in chain:
+            ctx.add_extra_chain_cert(cert)
+        ctx.use_privatekey(key)
+    except TypeError:
+        # Older pyOpenSSL (Debian 12: 23.0) only takes X509 / PKey.
+        ctx.use_certificate(crypto.X509.from_cryptography(leaf))
+        for cert in chain:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+
+
 def new_server_context(
     leaf: x509.Certificate,
     chain: Sequence[x509.Certificate],
@@ -77,10 +94,7 @@ def new_server_context(
         SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
     )
     ctx.set_cipher_list(TLS12_CIPHERS)
-    ctx.use_certificate(crypto.X509.from_cryptography(leaf))
-    for cert in chain:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    _use_identity(ctx, leaf, chain, key)
     ctx.check_privatekey()
     ctx.set_session_id(session_id)
     ctx.set_alpn_select_callback(_select_alpn)

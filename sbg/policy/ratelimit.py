@@ -1,0 +1,66 @@
+"""Token buckets and in-flight budgets (contract issue: resource bounds).
+
+`RateLimiter` keeps one token bucket per key (an origin server, a peer
+address); the number of keys is bounded, least recently used first out, so
+an attacker cycling addresses cannot grow memory. `InflightBudget` bounds
+the requests being forwarded at once, overall and per external server, so
+one server exhausting its budget does not starve the others.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from sbg.config.model import RateLimit
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float], max_keys: int = 65536) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> (tokens, time of last update)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, limit: RateLimit) -> float:
+        """Take one token for `key`: 0.0 if allowed, else seconds to wait."""
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (float(limit.burst), now))
+        tokens = min(float(limit.burst), tokens + (now - last) * limit.per_second)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / limit.per_second
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class InflightBudget:
+    """Counts requests being forwarded; `acquire` says whether one more fits."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._per_server: dict[str, int] = {}
+
+    def acquire(self, server: str | None, max_total: int, max_per_server: int) -> bool:
+        if self.total >= max_total:
+            return False
+        if server is not None:
+            current = self._per_server.get(server, 0)
+            if current >= max_per_server:
+                return False
+            self._per_server[server] = current + 1
+        self.total += 1
+        return True
+
+    def release(self, server: str | None) -> None:
+        self.total -= 1
+        if server is not None:
+            left = self._per_server.get(server, 1) - 1
+            if left:
+                self._per_server[server] = left
+            else:
+                self._per_server.pop(server, None)
