@@ -207,10 +207,15 @@ class _Relay(Protocol):
                 self._request.finish()
             else:
                 # Headers are gone already: the only honest signal left is
-                # to cut the connection so the client sees a truncated body.
-                transport = self._request.channel.transport if self._request.channel else None
-                if transport is not None:
-                    transport.abortConnection()  # type: ignore[attr-defined]
+                # to close the connection after what was relayed, so the
+                # client sees a body shorter than announced (or a chunked
+                # body without its last chunk).
+                channel = self._request.channel
+                if channel is not None and channel.transport is not None:
+                    channel.persistent = False
+                    # The channel's own loseConnection first unregisters it
+                    # as the transport's producer; TLS would wait forever.
+                    channel.loseConnection()
         self._done.callback(ForwardResult(self._status, self.bytes, complete))
 
 
