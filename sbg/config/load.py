@@ -633,6 +633,11 @@ class _Reader:
             admin_token = self.secret("admin_token_file", admin_token_file, token=True)
         shutdown_grace = self.duration(top, "shutdown_grace", "", 30.0, positive=False)
         workers = self.integer(top, "workers", "", default=1, minimum=1) or 1
+        if workers > 1:
+            # Several processes would each need the kill switch, reloads and
+            # metrics shared; until that exists, say so rather than run one.
+            self.error("workers", "only 1 is supported in this version (one process)")
+            workers = 1
         inbound = self.inbound(top.get("inbound"))
         outbound = self.outbound(top.get("outbound"))
         internals = self.internal_homeservers(top)
