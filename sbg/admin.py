@@ -95,7 +95,7 @@ class KillSwitchResource(resource.Resource):
         raw = request.content.read() if request.content is not None else b""
         try:
             body: Any = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error(request, 400, "M_BAD_JSON", "body is not JSON")
         if not isinstance(body, dict) or set(body) - {"server", "direction"}:
             return _error(request, 400, "M_BAD_JSON", "expected {server?, direction?}")
@@ -105,7 +105,12 @@ class KillSwitchResource(resource.Resource):
             return _error(request, 400, "M_BAD_JSON", "server must be a string or null")
         if direction not in ("inbound", "outbound", "both"):
             return _error(request, 400, "M_BAD_JSON", "direction: inbound, outbound or both")
-        if server_name is not None and server_name not in self._policy().external_by_name:
+        # A switch left engaged for a server since removed from the
+        # configuration can still be lifted.
+        known = server_name in self._policy().external_by_name or (
+            not self._engage and any(s == server_name for s, _d in self._ks.engaged)
+        )
+        if server_name is not None and not known:
             return _error(request, 404, "M_NOT_FOUND", f"no external server {server_name}")
         try:
             if self._engage:

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -107,6 +108,8 @@ class GatewayService(MultiService):
         self._ports: list[StreamServerEndpointService] = []
         self._port_owners: list[tuple[Listener, str]] = []
         self._stopping = False
+        # What is in service until a restart, whatever later reloads say.
+        self._started_with = (config.listeners, config.state_dir)
         for listener in config.listeners:
             factory = self._factory_for(listener)
             for address in listener.bind_addresses:
@@ -167,6 +170,15 @@ class GatewayService(MultiService):
 
     # -- lifecycle ---------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the ports here: a port in use is one line and exit 1,
+        # not a traceback.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            logger.error("sbg: %s", e)
+            raise SystemExit(1)
+
     def startService(self) -> None:
         super().startService()
         if self._install_signals:
@@ -216,9 +228,9 @@ class GatewayService(MultiService):
                 logger.error("reload refused: %s", line)
             self.metrics.config_reloads.labels("failure").inc()
             return False
-        if new.listeners != self.config.listeners:
+        if new.listeners != self._started_with[0]:
             logger.warning("listener changes need a restart; they were not applied")
-        if new.state_dir != self.config.state_dir:
+        if new.state_dir != self._started_with[1]:
             logger.warning("state_dir changes need a restart; it was not applied")
         try:
             policy = Policy.build(new)
@@ -254,6 +266,7 @@ class GatewayService(MultiService):
             await defer.gatherResults(
                 [defer.maybeDeferred(p.stopService) for p in self._ports], consumeErrors=True
             )
+            self.tracker.draining = True
             self.outbound.close_idle_tunnels()
             drained = self.tracker.wait_idle()
             timer = self.reactor.callLater(grace, drained.cancel)

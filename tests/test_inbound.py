@@ -119,6 +119,18 @@ class AllowedTests(TestCase):
         self.assertEqual(second.status, 401)
         self.assertEqual(len(gw.upstream.requests), 1)
 
+    async def test_draining_closes_kept_alive_connections(self) -> None:
+        gw = await start_gateway(self)
+        # What a graceful stop (SIGTERM) sets before it waits for requests.
+        gw.service.tracker.draining = True
+        first, second = await gw.inbound_many(
+            [gw.signed_request("PUT", TXN, txn_body()), gw.signed_request("PUT", TXN, txn_body())]
+        )
+        self.assertEqual(first.status, 200)
+        self.assertEqual(first.header(b"Connection"), b"close")
+        self.assertTrue(second.closed)
+        self.assertEqual(len(gw.upstream.requests), 1)
+
 
 class RefusalTests(TestCase):
     """One test per row of contract 5.1."""

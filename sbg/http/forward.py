@@ -280,6 +280,10 @@ async def forward(
         on_response(response)
     request.setResponseCode(response.code, response.phrase)
     out = copy_headers(response.headers, _RESPONSE_DROP)
+    if request.channel is not None and not request.channel.persistent:
+        # This connection ends with this response (the client asked, or sbg
+        # is stopping): say so, since the upstream's Connection is dropped.
+        out.setRawHeaders(b"Connection", [b"close"])
     if response.length is not UNKNOWN_LENGTH and method != b"HEAD":
         out.setRawHeaders(b"Content-Length", [str(response.length).encode()])
     request.responseHeaders = out

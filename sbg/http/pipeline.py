@@ -43,6 +43,9 @@ class InflightTracker:
 
     def __init__(self) -> None:
         self.count = 0
+        # Set by a graceful stop: connections close after their current
+        # request instead of waiting for another.
+        self.draining = False
         self._waiters: list[defer.Deferred[None]] = []
 
     def enter(self) -> None:
@@ -110,6 +113,8 @@ class Pipeline:
         inflight = self._metrics.inflight.labels(self.direction)
         inflight.inc()
         self._tracker.enter()
+        if self._tracker.draining and request.channel is not None:
+            request.channel.persistent = False
         try:
             await self.process(request, ctx)
         except UpstreamError as e:

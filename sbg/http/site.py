@@ -136,6 +136,8 @@ def send_json(request: http.Request, status: int, body: object) -> int:
             transport.abortConnection()  # type: ignore[attr-defined]
         return 0
     request.setResponseCode(status)
+    if request.channel is not None and not request.channel.persistent:
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(data)).encode()])
     if request.method != b"HEAD":

@@ -39,10 +39,10 @@ class OutboundHandler(Pipeline):
         self._tunnel = tunnel
 
     def header_timeout(self) -> float:
-        return self._tunnel.policy.config.limits.header_timeout
+        return self._state.runtime.policy.config.limits.header_timeout
 
     def max_body_size(self) -> int:
-        return self._tunnel.policy.config.inbound.max_body_size
+        return self._state.runtime.policy.config.inbound.max_body_size
 
     async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
         tunnel = self._tunnel
@@ -62,7 +62,22 @@ class OutboundHandler(Pipeline):
             raise _forbidden("malformed Host header", "host_mismatch")
 
     async def _process(self, request: BorderRequest, ctx: RequestContext) -> None:
-        tunnel = self._tunnel
+        # Every request is decided under the current policy: a reload that
+        # disables a server or narrows its trust level applies to the
+        # requests of tunnels opened before it, not only to new tunnels.
+        opened = self._tunnel
+        tunnel = self._state.classify(
+            self._state.runtime.policy, opened.connect_host, opened.connect_port
+        )
+        if tunnel is None or (tunnel.kind, tunnel.server_name) != (
+            opened.kind,
+            opened.server_name,
+        ):
+            ctx.record.destination = opened.server_name
+            raise _forbidden(
+                "the tunnel's destination is no longer trusted (configuration reloaded)",
+                "unknown_destination",
+            )
         policy = tunnel.policy
         rec = ctx.record
         rec.destination = tunnel.server_name
@@ -92,7 +107,7 @@ class OutboundHandler(Pipeline):
             if ks.is_killed(None, "outbound"):
                 raise _forbidden("the border is closed (kill switch)", "killswitch")
             ctx.allow()
-            await self._forward(request, ctx, host, None, settings.default_trust)
+            await self._forward(tunnel, request, ctx, host, None, settings.default_trust)
             return
 
         server = tunnel.server
@@ -148,36 +163,38 @@ class OutboundHandler(Pipeline):
         if request.too_large:
             raise SbgError(413, "M_TOO_LARGE", "request body too large", "body_too_large")
         ctx.allow()
-        await self._forward(request, ctx, host, server.tls_ca, settings.default_trust)
+        await self._forward(tunnel, request, ctx, host, server.tls_ca, settings.default_trust)
 
     async def _forward(
         self,
+        tunnel: Tunnel,
         request: BorderRequest,
         ctx: RequestContext,
         tls_name: str,
         ca_file: str | None,
         default_trust: str,
     ) -> None:
-        tunnel = self._tunnel
         limits = tunnel.policy.config.limits
         budget = self._state.runtime.inflight
         server = tunnel.server_name
         if not budget.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
             raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
         try:
-            await self._forward_within_budget(request, ctx, tls_name, ca_file, default_trust)
+            await self._forward_within_budget(
+                tunnel, request, ctx, tls_name, ca_file, default_trust
+            )
         finally:
             budget.release(server)
 
     async def _forward_within_budget(
         self,
+        tunnel: Tunnel,
         request: BorderRequest,
         ctx: RequestContext,
         tls_name: str,
         ca_file: str | None,
         default_trust: str,
     ) -> None:
-        tunnel = self._tunnel
         settings = tunnel.policy.config.outbound
         agent = self._state.agent_for(
             tunnel, tls_name, (ca_file,) if ca_file else None, default_trust

@@ -138,10 +138,12 @@ class OutboundState:
 
     # -- CONNECT decisions (contract 7, row 2) -----------------------------
 
-    def open_tunnel(self, policy: Policy, host: str, port: int) -> Tunnel:
-        ks = self.runtime.killswitch
-        if len(self._tunnels) >= policy.config.limits.max_tunnels:
-            raise TunnelRefused("too many open tunnels", "overloaded", status=503)
+    def classify(self, policy: Policy, host: str, port: int) -> Tunnel | None:
+        """What a CONNECT to host:port is under `policy`, or None if refused.
+
+        Pure: no kill switch, no limits. The handler calls it again for each
+        request in a tunnel, so a reload applies to new requests at once.
+        """
         idle = policy.config.outbound.idle_timeout
         kind: TunnelKind = "federation"
         server = policy.external_for_federation_host(host, port)
@@ -152,14 +154,6 @@ class OutboundState:
             server = policy.external_for_server_name(host, port)
             kind = "discovery"
         if server is not None and server.enabled:
-            if ks.is_killed(server.server_name, "outbound"):
-                raise TunnelRefused(
-                    f"{server.server_name} is cut off (kill switch)",
-                    "killswitch",
-                    server.server_name,
-                )
-            if self._minter is None:
-                raise TunnelRefused("no interception CA configured", "no_ca")
             return Tunnel(policy, host, port, kind, server=server, idle_timeout=idle)
         entries = tuple(
             e
@@ -167,13 +161,28 @@ class OutboundState:
             if e.host == host and e.port == port
         )
         if entries:
-            if ks.is_killed(None, "outbound"):
-                raise TunnelRefused("the border is closed (kill switch)", "killswitch")
             return Tunnel(policy, host, port, "non_matrix", non_matrix=entries, idle_timeout=idle)
-        raise TunnelRefused(
-            f"{format_authority(host, port)} is not a trusted destination",
-            "unknown_destination",
-        )
+        return None
+
+    def open_tunnel(self, policy: Policy, host: str, port: int) -> Tunnel:
+        """Row 2 of contract 7: the CONNECT decision."""
+        if len(self._tunnels) >= policy.config.limits.max_tunnels:
+            raise TunnelRefused("too many open tunnels", "overloaded", status=503)
+        tunnel = self.classify(policy, host, port)
+        if tunnel is None:
+            raise TunnelRefused(
+                f"{format_authority(host, port)} is not a trusted destination",
+                "unknown_destination",
+            )
+        if self.runtime.killswitch.is_killed(tunnel.server_name, "outbound"):
+            raise TunnelRefused(
+                f"{tunnel.server_name or 'the border'} is cut off (kill switch)",
+                "killswitch",
+                tunnel.server_name,
+            )
+        if tunnel.kind != "non_matrix" and self._minter is None:
+            raise TunnelRefused("no interception CA configured", "no_ca")
+        return tunnel
 
     # -- open tunnels ------------------------------------------------------
 

@@ -1,0 +1,527 @@
+"""sbg as the operator runs it: `twistd -n --pidfile= sbg -c FILE` in a real process.
+
+Signals (SIGHUP, SIGTERM, SIGKILL), exit statuses, what reaches stdout,
+stderr and `--logfile`, and the kill switch across a crash. The upstream
+internal homeserver is a stand-in in this (test) process; every blocking
+step runs in a thread so the reactor can serve it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from twisted.internet import reactor, task, threads
+
+from sbg.commands.check_config import run as check_config
+from tests.asynctest import TestCase
+from tests.configtools import (
+    INTERNAL_HOST,
+    PARTNER_HOST,
+    PARTNER_SERVER,
+    PROXY_USERNAME,
+    Material,
+    make_material,
+    write_config,
+)
+from tests.rawhttp import RawResponse, build_request, exchange_sync
+from tests.standin import StandinState, start_standin
+from tests.test_inbound import TXN, txn_body
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The twistd next to this Python (a virtualenv), else Debian's twistd3.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+if not os.path.exists(TWISTD):
+    TWISTD = shutil.which("twistd3") or shutil.which("twistd") or "twistd"
+START_TIMEOUT = 30.0
+AUDIT_FIELDS = {
+    "ts",
+    "direction",
+    "peer",
+    "origin",
+    "destination",
+    "method",
+    "path",
+    "group",
+    "decision",
+    "status",
+    "reason",
+    "duration_ms",
+    "bytes_in",
+    "bytes_out",
+}
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def sleep(seconds: float) -> Any:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@dataclass
+class Setup:
+    """A configuration for a real process, with fixed free ports."""
+
+    directory: str
+    material: Material
+    path: str
+    ports: dict[str, int]
+    upstream: StandinState
+    overrides: dict[str, Any]
+
+    def write(self, overrides: dict[str, Any] | None = None) -> str:
+        return write_config(
+            self.directory, {**self.overrides, **(overrides or {})}, material=self.material
+        )
+
+    def signed(self, method: str, target: bytes, content: Any = None, **kw: Any) -> bytes:
+        from sbg.matrix.xmatrix import sign_request
+
+        auth = sign_request(
+            self.material.partner_signing_key,
+            method,
+            target,
+            PARTNER_SERVER,
+            "internal.example",
+            content,
+        )
+        headers = [(b"Host", INTERNAL_HOST.encode()), (b"Authorization", auth)]
+        body = None
+        if content is not None:
+            headers.append((b"Content-Type", b"application/json"))
+            body = json.dumps(content).encode()
+        return build_request(method.encode(), target, headers, body)
+
+    def inbound_sync(self, request: bytes, timeout: float = 10.0) -> RawResponse:
+        return exchange_sync(
+            "127.0.0.1",
+            self.ports["inbound"],
+            [request],
+            tls=True,
+            sni=INTERNAL_HOST,
+            ca_file=self.material.internal_ca.certificate,
+            timeout=timeout,
+        )[0]
+
+    def inbound(self, request: bytes) -> Any:
+        return threads.deferToThread(self.inbound_sync, request)
+
+    def admin_sync(self, method: str, path: str, body: Any = None, token: bool = True) -> Any:
+        headers = [(b"Host", b"127.0.0.1")]
+        if token:
+            headers.append((b"Authorization", b"Bearer " + self.material.admin_token.encode()))
+        data = json.dumps(body).encode() if body is not None else None
+        req = build_request(method.encode(), path.encode(), headers, data)
+        return exchange_sync("127.0.0.1", self.ports["admin"], [req])[0]
+
+    def admin(self, method: str, path: str, body: Any = None, token: bool = True) -> Any:
+        return threads.deferToThread(self.admin_sync, method, path, body, token)
+
+
+def make_setup(test: TestCase, overrides: dict[str, Any] | None = None) -> Setup:
+    directory = os.path.abspath(test.mktemp())
+    material = make_material(directory)
+    state, port = start_standin()
+    test.addCleanup(port.stopListening)
+    ports = {"inbound": free_port(), "outbound": free_port(), "admin": free_port()}
+    all_overrides: dict[str, Any] = {
+        "listeners[0].port": ports["inbound"],
+        "listeners[1].port": ports["outbound"],
+        "listeners[2].port": ports["admin"],
+        "internal_homeservers[0].upstream": f"http://127.0.0.1:{state.port}",
+    }
+    all_overrides.update(overrides or {})
+    path = write_config(directory, all_overrides, material=material)
+    return Setup(directory, material, path, ports, state, all_overrides)
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    stdout: str
+    stderr: str
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        with open(self.stdout, encoding="utf-8") as f:
+            return f.read()
+
+    def errors(self) -> str:
+        with open(self.stderr, encoding="utf-8") as f:
+            return f.read()
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.popen.pid, signum)
+
+    def wait(self, timeout: float = 20.0) -> Any:
+        """Deferred: the exit status."""
+        return threads.deferToThread(self.popen.wait, timeout)
+
+
+def stop(popen: subprocess.Popen[bytes]) -> None:
+    """Cleanup: end the process by its PID, whatever state the test left it in."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGKILL)
+    try:
+        popen.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def spawn(test: TestCase, setup: Setup, *extra: str, name: str = "sbg") -> Process:
+    out = os.path.join(setup.directory, f"{name}.stdout")
+    err = os.path.join(setup.directory, f"{name}.stderr")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        popen = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", *extra, "sbg", "-c", setup.path],
+            stdout=fo,
+            stderr=fe,
+            stdin=subprocess.DEVNULL,
+            cwd=setup.directory,
+            env=env,
+        )
+    test.addCleanup(stop, popen)
+    return Process(popen, out, err)
+
+
+async def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: Process | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(
+                f"sbg exited ({proc.popen.returncode}) while waiting for {what}:\n"
+                + proc.output()
+                + proc.errors()
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.05)
+
+
+async def wait_healthy(setup: Setup, proc: Process) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.popen.poll() is not None:
+            raise AssertionError(
+                f"sbg exited ({proc.popen.returncode}):\n{proc.output()}{proc.errors()}"
+            )
+        try:
+            resp = await setup.admin("GET", "/health", token=False)
+            if resp.status == 200 and resp.json() == {"status": "ok"}:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("sbg did not become healthy:\n" + proc.output() + proc.errors())
+        await sleep(0.1)
+
+
+async def run_gateway(test: TestCase, setup: Setup, *extra: str, name: str = "sbg") -> Process:
+    proc = spawn(test, setup, *extra, name=name)
+    await wait_healthy(setup, proc)
+    return proc
+
+
+def connection_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class SighupTests(TestCase):
+    async def test_reload_applied_and_broken_file_refused(self) -> None:
+        setup = make_setup(self)
+        proc = await run_gateway(self, setup)
+        resp = await setup.inbound(setup.signed("PUT", TXN + b"1", txn_body()))
+        self.assertEqual(resp.status, 200, resp.body)
+
+        setup.write({"external_homeservers[0].enabled": False})
+        proc.signal(signal.SIGHUP)
+        await wait_until(lambda: "configuration reloaded" in proc.output(), 10, "reload", proc)
+        resp = await setup.inbound(setup.signed("PUT", TXN + b"2", txn_body()))
+        self.assertEqual(resp.status, 403, resp.body)
+
+        with open(setup.path, "a", encoding="utf-8") as f:
+            f.write("no_such_key: 1\n")
+        expected = io.StringIO()
+        self.assertEqual(check_config(setup.path, False, io.StringIO(), expected), 1)
+        proc.signal(signal.SIGHUP)
+        await wait_until(lambda: "reload refused" in proc.output(), 10, "refusal", proc)
+        for line in expected.getvalue().splitlines():
+            self.assertIn(line, proc.output())
+        # Still running, under the last good policy (the server disabled).
+        self.assertIsNone(proc.popen.poll())
+        resp = await setup.inbound(setup.signed("PUT", TXN + b"3", txn_body()))
+        self.assertEqual(resp.status, 403, resp.body)
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertIn(b'sbg_config_reloads_total{result="success"} 1.0', metrics)
+        self.assertIn(b'sbg_config_reloads_total{result="failure"} 1.0', metrics)
+        self.assertEqual(len(setup.upstream.requests), 1)
+
+
+class SigtermTests(TestCase):
+    async def test_in_flight_request_completes_and_exit_0(self) -> None:
+        setup = make_setup(self)
+        setup.upstream.delay = 1.0
+        proc = await run_gateway(self, setup)
+        pending = setup.inbound(setup.signed("PUT", TXN, txn_body()))
+        await wait_until(lambda: bool(setup.upstream.requests), 10, "the upstream request")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        # New connections are refused while the request drains.
+        await wait_until(lambda: "no new connections" in proc.output(), 5, "SIGTERM handling", proc)
+        self.assertTrue(await threads.deferToThread(connection_refused, setup.ports["inbound"]))
+        resp = await pending
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(resp.json(), {"ok": True})
+        status = await proc.wait()
+        self.assertEqual(status, 0, proc.output() + proc.errors())
+        self.assertGreater(time.monotonic() - sent, 0.5)
+        self.assertIn("all requests finished", proc.output())
+        self.assertNotIn("Traceback", proc.output() + proc.errors())
+
+    async def test_idle_gateway_exits_0(self) -> None:
+        setup = make_setup(self)
+        proc = await run_gateway(self, setup)
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(await proc.wait(), 0, proc.output() + proc.errors())
+
+    async def test_grace_shorter_than_the_request(self) -> None:
+        setup = make_setup(self, {"shutdown_grace": 0.5})
+        setup.upstream.delay = 3.0
+        proc = await run_gateway(self, setup)
+        pending = setup.inbound(setup.signed("PUT", TXN, txn_body()))
+        await wait_until(lambda: bool(setup.upstream.requests), 10, "the upstream request")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = await proc.wait()
+        elapsed = time.monotonic() - sent
+        self.assertEqual(status, 0, proc.output() + proc.errors())
+        self.assertLess(elapsed, 2.5)
+        self.assertIn("shutdown grace", proc.output())
+        # The cut request got no response.
+        try:
+            resp = await pending
+            self.assertNotEqual(resp.status, 200)
+        except OSError:
+            pass
+        # Let the stand-in's delayed answer run before the test ends.
+        await sleep(max(0.0, 3.2 - (time.monotonic() - sent)))
+
+
+class KillSwitchRestartTests(TestCase):
+    async def test_switch_survives_sigkill_and_restart(self) -> None:
+        setup = make_setup(self)
+        proc = await run_gateway(self, setup)
+        resp = await setup.admin(
+            "POST", "/_sbg/kill", {"server": PARTNER_SERVER, "direction": "inbound"}
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        proc.signal(signal.SIGKILL)
+        self.assertEqual(await proc.wait(), -signal.SIGKILL)
+
+        again = await run_gateway(self, setup, name="sbg2")
+        resp = await setup.admin("GET", "/_sbg/kill")
+        self.assertEqual(
+            resp.json(), {"engaged": [{"server": PARTNER_SERVER, "direction": "inbound"}]}
+        )
+        resp = await setup.inbound(setup.signed("PUT", TXN, txn_body()))
+        self.assertEqual(resp.status, 403, resp.body)
+        self.assertEqual(resp.json()["errcode"], "M_FORBIDDEN")
+        self.assertEqual(setup.upstream.requests, [])
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertIn(
+            b'sbg_killswitch_engaged{direction="inbound",server="partner.example"} 1.0', metrics
+        )
+        again.signal(signal.SIGTERM)
+        self.assertEqual(await again.wait(), 0)
+
+    async def test_corrupt_state_refuses_to_start(self) -> None:
+        setup = make_setup(self)
+        state_dir = os.path.join(setup.material.directory, "state")
+        os.makedirs(state_dir, exist_ok=True)
+        with open(os.path.join(state_dir, "killswitch.json"), "w") as f:
+            f.write("{half a fil")
+        proc = spawn(self, setup)
+        self.assertEqual(await proc.wait(), 1)
+        self.assertIn("killswitch.json", proc.errors())
+        self.assertNotIn("Traceback", proc.errors() + proc.output())
+
+
+class JsonLogTests(TestCase):
+    async def test_every_line_json_and_no_secrets(self) -> None:
+        setup = make_setup(self, {"log_format": "json"})
+        proc = await run_gateway(self, setup)
+        marker_body = "BODYMARKER" + "x" * 8
+        marker_query = "QUERYMARKER"
+        content = txn_body()
+        content["edus"][0]["content"]["marker"] = marker_body  # type: ignore[index]
+        allowed = setup.signed("PUT", TXN + b"1", content)
+        signature = allowed.split(b'sig="', 1)[1].split(b'"', 1)[0].decode()
+        query = b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ainternal.example&t="
+        query += marker_query.encode()
+        forged = allowed.replace(signature.encode(), b"A" * len(signature))
+        for req, status in ((allowed, 200), (setup.signed("GET", query), 200), (forged, 401)):
+            resp = await setup.inbound(req)
+            self.assertEqual(resp.status, status, resp.body)
+        # Outbound: right and wrong proxy credentials.
+        password = setup.material.proxy_password
+        for creds, status in ((password, 200), ("wrong-" + password, 407)):
+            token = base64.b64encode(f"{PROXY_USERNAME}:{creds}".encode())
+            head = await threads.deferToThread(
+                connect_head, setup.ports["outbound"], b"Basic " + token
+            )
+            self.assertTrue(head.startswith(f"HTTP/1.1 {status}".encode()), head)
+        # Admin: a kill with the token, a refused one with a wrong token.
+        self.assertEqual((await setup.admin("POST", "/_sbg/kill", {})).status, 200)
+        self.assertEqual((await setup.admin("POST", "/_sbg/unkill", {})).status, 200)
+        # Twisted's own lines go through sbg's observer too (shutdown).
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(await proc.wait(), 0)
+
+        text = proc.output()
+        lines = text.splitlines()
+        self.assertGreater(len(lines), 5)
+        records = []
+        for line in lines:
+            obj = json.loads(line)
+            self.assertIsInstance(obj, dict, line)
+            records.append(obj)
+        loggers = {r.get("logger", "") for r in records}
+        self.assertTrue(any(name.startswith("twisted") for name in loggers), loggers)
+        audit = [r for r in records if r.get("logger") == "sbg.audit"]
+        # 3 inbound, 2 CONNECT.
+        self.assertEqual(len(audit), 5, audit)
+        for r in audit:
+            self.assertEqual(AUDIT_FIELDS - set(r), set(), r)
+            ts = datetime.fromisoformat(r["ts"])
+            self.assertEqual(ts.utcoffset(), timedelta(0), r["ts"])
+            self.assertIn(r["direction"], ("inbound", "outbound"))
+            self.assertIn(r["decision"], ("allow", "deny", "would_deny"))
+            self.assertIs(type(r["status"]), int)
+            self.assertNotIn("?", r["path"])
+            self.assertIsInstance(r["duration_ms"], (int, float))
+            self.assertIs(type(r["bytes_in"]), int)
+            self.assertIs(type(r["bytes_out"]), int)
+        inbound = [r for r in audit if r["direction"] == "inbound"]
+        self.assertEqual([r["status"] for r in inbound], [200, 200, 401])
+        self.assertEqual(inbound[0]["origin"], PARTNER_SERVER)
+        self.assertEqual(inbound[0]["destination"], "internal.example")
+        self.assertEqual(inbound[1]["path"], "/_matrix/federation/v1/query/profile")
+        outbound = [r for r in audit if r["direction"] == "outbound"]
+        self.assertEqual([r["method"] for r in outbound], ["CONNECT", "CONNECT"])
+        self.assertEqual([r["status"] for r in outbound], [200, 407])
+        for secret in (
+            marker_body,
+            marker_query,
+            signature,
+            "A" * len(signature),
+            setup.material.admin_token,
+            password,
+            base64.b64encode(f"{PROXY_USERNAME}:{password}".encode()).decode(),
+        ):
+            self.assertNotIn(secret, text)
+        self.assertEqual(proc.errors(), "")
+
+
+def connect_head(port: int, proxy_auth: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        target = PARTNER_HOST.encode() + b":8448"
+        s.sendall(
+            b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
+            b"Proxy-Authorization: " + proxy_auth + b"\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return head
+
+
+class StartupFailureTests(TestCase):
+    async def test_broken_config_exit_1_with_check_config_lines(self) -> None:
+        setup = make_setup(
+            self,
+            {
+                "external_homeservers[0].trust_level": "nosuch",
+                "inbound.max_body_size": "lots",
+            },
+        )
+        expected = io.StringIO()
+        self.assertEqual(check_config(setup.path, False, io.StringIO(), expected), 1)
+        proc = spawn(self, setup)
+        self.assertEqual(await proc.wait(), 1)
+        errors = proc.errors()
+        for line in expected.getvalue().splitlines():
+            self.assertIn(line + "\n", errors)
+        self.assertNotIn("Traceback", errors + proc.output())
+        self.assertTrue(await threads.deferToThread(connection_refused, setup.ports["admin"]))
+
+    async def test_missing_config_file(self) -> None:
+        setup = make_setup(self)
+        os.unlink(setup.path)
+        proc = spawn(self, setup)
+        self.assertEqual(await proc.wait(), 1)
+        self.assertIn(setup.path, proc.errors())
+        self.assertNotIn("Traceback", proc.errors() + proc.output())
+
+    async def test_port_in_use(self) -> None:
+        setup = make_setup(self)
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", setup.ports["outbound"]))
+        blocker.listen(1)
+        self.addCleanup(blocker.close)
+        proc = spawn(self, setup)
+        self.assertEqual(await proc.wait(), 1)
+        text = proc.output() + proc.errors()
+        self.assertNotIn("Traceback", text)
+        [line] = [x for x in text.splitlines() if "Couldn't listen" in x]
+        self.assertIn(f"127.0.0.1:{setup.ports['outbound']}", line)
+
+
+class LogfileTests(TestCase):
+    async def test_logfile_option(self) -> None:
+        setup = make_setup(self, {"log_format": "json"})
+        logfile = os.path.join(setup.directory, "sbg.log")
+        proc = await run_gateway(self, setup, "--logfile", logfile)
+        resp = await setup.inbound(setup.signed("PUT", TXN, txn_body()))
+        self.assertEqual(resp.status, 200)
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(await proc.wait(), 0)
+        with open(logfile, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        records = [json.loads(line) for line in lines]
+        messages = " ".join(str(r.get("message")) for r in records)
+        self.assertIn("sbg started", messages)
+        self.assertIn("all requests finished", messages)
+        self.assertEqual(sum(1 for r in records if r.get("logger") == "sbg.audit"), 1)
+        self.assertNotIn("sbg started", proc.output())
+        self.assertNotIn("sbg.audit", proc.output())
