@@ -32,6 +32,8 @@ class AuditRecord:
     decision: Decision = "deny"
     status: int = 0
     reason: str = ""
+    # The refusal's short code (as in sbg_refusals_total), "" when allowed.
+    code: str = ""
     duration_ms: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -47,7 +49,7 @@ class AuditRecord:
             f"peer={self.peer} origin={self.origin or '-'} "
             f"destination={self.destination or '-'} group={self.group or '-'} "
             f"duration_ms={self.duration_ms:.1f} bytes_in={self.bytes_in} "
-            f"bytes_out={self.bytes_out} reason={self.reason!r}"
+            f"bytes_out={self.bytes_out} code={self.code or '-'} reason={self.reason!r}"
         )
 
 

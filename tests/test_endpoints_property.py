@@ -7,6 +7,7 @@ decoded type. Whatever sbg lets through must reach the same endpoint with the
 same parameter values there.
 """
 
+import inspect
 import re
 import string
 from collections.abc import Callable
@@ -76,7 +77,16 @@ def synapse_route(method: bytes, target: bytes) -> tuple[Endpoint, dict[str, str
 # Strategies
 # --------------------------------------------------------------------------
 
-_TEXT_CHARS = st.characters(exclude_categories=("Cs", "Cc"))
+
+def _characters_excluding(*categories: str) -> st.SearchStrategy[str]:
+    """`st.characters` minus `categories`, on any hypothesis version: before
+    6.72 (Debian 12 has 6.67) the keyword is `blacklist_categories`."""
+    if "exclude_categories" in inspect.signature(st.characters).parameters:
+        return st.characters(exclude_categories=categories)
+    return st.characters(blacklist_categories=categories)
+
+
+_TEXT_CHARS = _characters_excluding("Cs", "Cc")
 _server_names = st.one_of(
     st.from_regex(r"\A[A-Za-z0-9-]{1,12}(\.[A-Za-z0-9-]{1,12}){0,3}(:[0-9]{1,5})?\Z"),
     st.ip_addresses(v=4).map(str),

@@ -276,6 +276,12 @@ async def forward(
     if client_gone:
         response.deliverBody(_Discard())
         raise ClientGone()
+    length = response.length
+    if length is not UNKNOWN_LENGTH and (not isinstance(length, int) or length < 0):
+        # Older Twisted parses a negative Content-Length without complaint:
+        # never relay a framing the client could read two ways.
+        response.deliverBody(_Discard())
+        raise UpstreamError(502, "protocol", "upstream sent an invalid Content-Length")
     if on_response is not None:
         on_response(response)
     request.setResponseCode(response.code, response.phrase)

@@ -96,6 +96,7 @@ class Pipeline:
         ctx.would_deny.append(err.code)
         ctx.record.decision = "would_deny"
         ctx.record.reason = err.reason
+        ctx.record.code = err.code
         self._metrics.refusals.labels(self.direction, ctx.server, err.code).inc()
 
     def peer(self, request: BorderRequest) -> str:
@@ -121,6 +122,7 @@ class Pipeline:
             self._metrics.upstream_errors.labels(self.direction, e.metric_reason).inc()
             record.status = e.status
             record.reason = e.reason
+            record.code = e.code
             # The request was allowed; the upstream failed it.
             record.decision = "allow"
             record.bytes_out = send_error(request, e)
@@ -128,6 +130,7 @@ class Pipeline:
             record.decision = "deny"
             record.status = e.status
             record.reason = e.reason
+            record.code = e.code
             self._metrics.refusals.labels(self.direction, ctx.server, e.code).inc()
             retry = getattr(e, "retry_after_ms", None)
             extra = {"retry_after_ms": retry} if isinstance(retry, int) else None

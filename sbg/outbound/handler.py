@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from sbg.errors import SbgError
 from sbg.hosts import HostParseError, parse_authority, parse_sni
-from sbg.http.forward import forward, request_headers_for_upstream
+from sbg.http.forward import UpstreamError, forward, request_headers_for_upstream
 from sbg.http.pipeline import Pipeline, RequestContext
 from sbg.http.site import BorderRequest
 from sbg.matrix.endpoints import match_target
 from sbg.matrix.xmatrix import parse_authorization
 from sbg.outbound.state import OutboundState, Tunnel
+from sbg.tls.client import NoUpstreamTrust
+from sbg.tls.pem import PemError
 from sbg.tls.server import sni_of
 
 
@@ -196,9 +198,14 @@ class OutboundHandler(Pipeline):
         default_trust: str,
     ) -> None:
         settings = tunnel.policy.config.outbound
-        agent = self._state.agent_for(
-            tunnel, tls_name, (ca_file,) if ca_file else None, default_trust
-        )
+        try:
+            agent = self._state.agent_for(
+                tunnel, tls_name, (ca_file,) if ca_file else None, default_trust
+            )
+        except (NoUpstreamTrust, PemError) as e:
+            # Nothing to verify the destination against: the contract's
+            # "TLS to the destination fails verification", a 502.
+            raise UpstreamError(502, "tls", f"no usable trust for {tls_name}: {e}")
         hosts = request.requestHeaders.getRawHeaders(b"host") or [b""]
         url = b"https://" + hosts[0] + request.uri
         # Internal addresses are not the external servers' business.

@@ -183,6 +183,7 @@ class ConnectProtocol(Protocol):
         record.decision = "deny"
         record.status = r.status
         record.reason = r.reason
+        record.code = r.code
         self._state.runtime.metrics.refusals.labels("outbound", UNKNOWN, r.code).inc()
         self._emit(record, UNKNOWN)
         phrase = _PHRASES.get(r.status, "Error")
