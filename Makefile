@@ -21,12 +21,12 @@ $(SYNAPSE_STAMP): scripts/install-synapse $(STAMP)
 	./scripts/install-synapse
 	touch $(SYNAPSE_STAMP)
 
-demo: $(STAMP)
-	PYTHONPATH=$(CURDIR) $(PY) -m demo.standin_demo
+demo: $(STAMP) $(SYNAPSE_STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m demo.federation
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sbg tests twisted demo
-	$(VENV)/bin/ruff format --check sbg tests twisted demo
+	$(VENV)/bin/ruff check sbg tests twisted demo bench
+	$(VENV)/bin/ruff format --check sbg tests twisted demo bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy sbg

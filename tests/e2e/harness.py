@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -379,6 +380,7 @@ def sbg_config(
     external_ca: str,
     ca: CertFiles,
     groups: Iterable[str] = SCENARIO_GROUPS,
+    admin_token_file: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sbg.yaml (contract section 3) for the phase-2 topology, as a dict.
@@ -408,6 +410,7 @@ def sbg_config(
         "log_level": "info",
         "log_format": "json",
         "state_dir": "state",
+        "admin_token_file": None if admin_token_file is None else rel(admin_token_file),
         "shutdown_grace": "5s",
         "outbound": {
             "ca": {"certificate": rel(ca.certificate), "private_key": rel(ca.private_key)},
@@ -453,12 +456,12 @@ class AuditLog:
         except OSError:
             return 0
 
-    def lines(self, since: int = 0) -> list[dict[str, Any]]:
-        """Every JSON object written since byte offset SINCE (non-JSON lines skipped)."""
+    def lines(self, since: int = 0, until: int | None = None) -> list[dict[str, Any]]:
+        """Every JSON object written between byte offsets SINCE and UNTIL (non-JSON skipped)."""
         try:
             with open(self.path, "rb") as f:
                 f.seek(since)
-                data = f.read()
+                data = f.read() if until is None else f.read(max(0, until - since))
         except OSError:
             return []
         out = []
@@ -471,13 +474,9 @@ class AuditLog:
                 out.append(obj)
         return out
 
-    def records(self, since: int = 0) -> list[dict[str, Any]]:
-        """The audit records (logger sbg.audit, or lines carrying a decision)."""
-        return [
-            r
-            for r in self.lines(since)
-            if r.get("logger") == "sbg.audit" or ("decision" in r and "direction" in r)
-        ]
+    def records(self, since: int = 0, until: int | None = None) -> list[dict[str, Any]]:
+        """The audit records (logger sbg.audit) between byte offsets SINCE and UNTIL."""
+        return [r for r in self.lines(since, until) if r.get("logger") == "sbg.audit"]
 
     def wait_for(
         self,
@@ -506,6 +505,11 @@ class Sbg:
         self.stderr_path = os.path.join(sbg_dir, "sbg.stderr.log")
         self.admin_url = f"http://{SBG_ADDRESS}:{SBG_ADMIN_PORT}"
         self.audit = AuditLog(self.stdout_path)
+        token_file = config.get("admin_token_file")
+        self.admin_token: str | None = None
+        if token_file:
+            with open(os.path.join(sbg_dir, token_file)) as f:
+                self.admin_token = f.read().strip()
         self.write_config(config)
         argv = [
             os.path.join(SBG_VENV, "bin", "twistd"),
@@ -533,11 +537,45 @@ class Sbg:
         return self.process.wait_ready(lambda: http_ok(self.admin_url + "/health"), timeout)
 
     def stop(self) -> int | None:
+        """SIGTERM (sbg drains for ``shutdown_grace``); return the exit code."""
         return self.process.stop(STOP_TIMEOUT)
 
-    def restart(self) -> float:
-        self.stop()
-        return self.start()
+    def restart(self) -> tuple[int | None, float]:
+        """SIGTERM, then start again; return (exit code, seconds until healthy again)."""
+        started = time.monotonic()
+        code = self.stop()
+        self.start()
+        return code, time.monotonic() - started
+
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m sbg.cli ARGS`` (the ``sbg`` command) with this sbg's environment."""
+        return subprocess.run(
+            [os.path.join(SBG_VENV, "bin", "python"), "-m", "sbg.cli", *args],
+            env=clean_environment({"PYTHONPATH": REPO}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def kill_cli(self, server: str | None = None, direction: str = "both") -> str:
+        """``sbg kill -c CONFIG [--server NAME]``; return its output, raise if it failed."""
+        return self._switch_cli("kill", server, direction)
+
+    def unkill_cli(self, server: str | None = None, direction: str = "both") -> str:
+        """``sbg unkill -c CONFIG [--server NAME]``; return its output, raise if it failed."""
+        return self._switch_cli("unkill", server, direction)
+
+    def _switch_cli(self, command: str, server: str | None, direction: str) -> str:
+        args = [command, "-c", self.config_path, "--direction", direction]
+        if server is not None:
+            args += ["--server", server]
+        done = self.cli(*args)
+        if done.returncode != 0:
+            raise AssertionError(
+                f"sbg {' '.join(args)} exited {done.returncode}: {done.stdout}{done.stderr}"
+            )
+        return done.stdout
 
     def reload(self) -> None:
         """SIGHUP: sbg re-reads its config file."""
@@ -550,6 +588,8 @@ class Sbg:
         req = urllib.request.Request(self.admin_url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        if self.admin_token is not None:
+            req.add_header("Authorization", "Bearer " + self.admin_token)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(req, timeout=10) as resp:
@@ -741,7 +781,9 @@ class Cluster:
         """Write sbg.yaml for this topology (hs-int internal, hs-ext external).
 
         Copies hs-int's TLS pair to ``tls/`` and the external test CA to
-        ``pins/`` inside the sbg directory. Does not start it.
+        ``pins/`` inside the sbg directory and writes a fresh admin bearer
+        token to ``admin.token`` (``admin_token_file``; the admin calls and
+        the ``sbg kill`` CLI use it). Does not start it.
         """
         if not self.behind_sbg or self.sbg_ca is None:
             raise ValueError("write_sbg needs a Cluster(behind_sbg=True)")
@@ -758,6 +800,10 @@ class Cluster:
         external_ca = shutil.copy(
             self.cas[HS_EXT.ca].certificate, os.path.join(pins_dir, "external-ca.crt")
         )
+        token_file = os.path.join(self.sbg_dir, "admin.token")
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16) + "\n")
         config = sbg_config(
             self.sbg_dir,
             internal_server_name=internal.server_name,
@@ -773,6 +819,7 @@ class Cluster:
             external_ca=external_ca,
             ca=self.sbg_ca,
             groups=groups,
+            admin_token_file=token_file,
             extra=extra,
         )
         self.sbg = Sbg(self.sbg_dir, config)

@@ -236,20 +236,32 @@ class MatrixClient:
     def joined_rooms(self) -> list[str]:
         return list(self._c("GET", "/joined_rooms")["joined_rooms"])
 
-    def messages(self, room_id: str, direction: str = "b", limit: int = 100) -> Any:
-        return self._c(
-            "GET", f"/rooms/{q(room_id)}/messages", params={"dir": direction, "limit": limit}
-        )
+    def messages(
+        self, room_id: str, direction: str = "b", limit: int = 100, start: str | None = None
+    ) -> Any:
+        params: dict[str, Any] = {"dir": direction, "limit": limit}
+        if start is not None:
+            params["from"] = start
+        return self._c("GET", f"/rooms/{q(room_id)}/messages", params=params)
 
-    def message_bodies(self, room_id: str) -> list[tuple[str, str]]:
-        """(sender, body) of the room's m.room.message events, oldest first."""
-        chunk = self.messages(room_id, "b", 100)["chunk"]
-        out = [
+    def message_bodies(self, room_id: str, max_pages: int = 20) -> list[tuple[str, str]]:
+        """(sender, body) of the room's m.room.message events, oldest first.
+
+        Pages backwards through the whole room (at most MAX_PAGES pages of 100).
+        """
+        events: list[Any] = []
+        start: str | None = None
+        for _ in range(max_pages):
+            page = self.messages(room_id, "b", 100, start)
+            events.extend(page["chunk"])
+            if not page["chunk"] or not page.get("end"):
+                break
+            start = page["end"]
+        return [
             (e["sender"], e["content"].get("body", ""))
-            for e in reversed(chunk)
+            for e in reversed(events)
             if e.get("type") == "m.room.message"
         ]
-        return out
 
     # -- sync
 

@@ -9,6 +9,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -90,6 +91,11 @@ class ManagedProcess:
         """Start the process; logs are appended to (so restarts keep history)."""
         if self.running():
             raise ProcessError(f"{self.name} is already running (pid {self.pid})")
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the *thread* that forked the child
+            # ends: a process started from a short-lived thread would be killed
+            # as soon as that thread returns.
+            raise ProcessError(f"{self.name}: start processes from the main thread only")
         out = open(self.stdout_path, "ab")  # noqa: SIM115 - handed to the child
         err = open(self.stderr_path, "ab") if self.stderr_path else None  # noqa: SIM115
         try:
