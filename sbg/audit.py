@@ -67,6 +67,8 @@ class AuditLog:
         self._logger = logger or logging.getLogger(AUDIT_LOGGER)
 
     def emit(self, record: AuditRecord) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
         record.ts = datetime.now(UTC).isoformat(timespec="milliseconds")
         record.duration_ms = round(record.duration_ms, 3)
         self._logger.info(record.text(), extra={"sbg_audit": record.as_fields()})

@@ -7,6 +7,7 @@ literals without brackets in their compressed form, port as an int or None.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -40,8 +41,12 @@ def _parse_port(text: str) -> int:
     return port
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_authority(value: str) -> tuple[str, int | None]:
-    """Parse `host`, `host:port`, `[v6]`, `[v6]:port` (a Host header value)."""
+    """Parse `host`, `host:port`, `[v6]`, `[v6]:port` (a Host header value).
+
+    Cached (bounded): the same few Host values arrive on every request.
+    """
     if value.startswith("["):
         end = value.find("]")
         if end < 0:

@@ -13,12 +13,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IPolicyForHTTPS
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.config.model import InternalHomeserver
+from sbg.http.agent import RawTargetAgent
 from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
 from sbg.policy.killswitch import KillSwitch
@@ -65,7 +66,7 @@ class Runtime:
         self.pool.cachedConnectionTimeout = 20
         self.inflight = InflightBudget()
         self.rate_limiter = RateLimiter(reactor.seconds)
-        self._upstream_agents: dict[tuple[str, str | None], IAgent] = {}
+        self._upstream_agents: dict[tuple[str, str | None], RawTargetAgent] = {}
         # Fetched signing keys outlive policy snapshots (contract 5.2).
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
 
@@ -80,18 +81,18 @@ class Runtime:
     def clock(self) -> IReactorTime:
         return self.reactor  # type: ignore[no-any-return]
 
-    def upstream_agent(self, internal: InternalHomeserver) -> IAgent:
+    def upstream_agent(self, internal: InternalHomeserver) -> RawTargetAgent:
         key = (internal.upstream, internal.upstream_ca)
         agent = self._upstream_agents.get(key)
         if agent is None:
             scheme = urlsplit(internal.upstream).scheme
             if scheme == "https":
-                agent = Agent(
+                agent = RawTargetAgent(
                     self.reactor,
                     contextFactory=_FixedTrust(self.client_tls, internal.upstream_ca),
                     pool=self.pool,
                 )
             else:
-                agent = Agent(self.reactor, pool=self.pool)
+                agent = RawTargetAgent(self.reactor, pool=self.pool)
             self._upstream_agents[key] = agent
         return agent

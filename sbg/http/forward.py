@@ -27,10 +27,11 @@ from twisted.web._newclient import (
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from sbg.errors import SbgError
+from sbg.http.agent import RawTargetAgent
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +222,9 @@ class _Relay(Protocol):
 
 async def forward(
     *,
-    agent: IAgent,
+    agent: RawTargetAgent,
     request: http.Request,
-    url: bytes,
+    base_url: bytes,
     headers: Headers,
     body: bytes | None,
     clock: IReactorTime,
@@ -231,14 +232,17 @@ async def forward(
     idle_timeout: float,
     on_response: Callable[[IResponse], None] | None = None,
 ) -> ForwardResult:
-    """Forward `request` to `url` and relay the answer into `request`.
+    """Forward `request` to `base_url` and relay the answer into `request`.
 
     Raises `SbgError` (502/504) when no response headers came back; once
     headers are relayed the result says whether the body completed.
     """
     method = request.method
     producer = BytesProducer(body) if body is not None else None
-    d: defer.Deferred[IResponse] = agent.request(method, url, headers, producer)
+    # The raw target as received, byte for byte: it is what was signed.
+    d: defer.Deferred[IResponse] = agent.request_raw(
+        method, base_url, request.uri, headers, producer
+    )
     timed_out = []
 
     def on_timeout() -> None:

@@ -117,6 +117,12 @@ class Pipeline:
         if self._tracker.draining and request.channel is not None:
             request.channel.persistent = False
         try:
+            if request.bad_framing:
+                if request.channel is not None:
+                    request.channel.persistent = False
+                raise SbgError(
+                    400, "M_UNRECOGNIZED", "ambiguous message framing", "malformed_request"
+                )
             await self.process(request, ctx)
         except UpstreamError as e:
             self._metrics.upstream_errors.labels(self.direction, e.metric_reason).inc()

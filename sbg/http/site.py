@@ -46,6 +46,7 @@ class BorderRequest(http.Request):
         super().__init__(channel)
         self.started = time.monotonic()
         self.too_large = False
+        self.bad_framing = False
         self.bytes_in = 0
         self._cap = 0
         factory = channel.factory if channel is not None else None
@@ -84,6 +85,18 @@ class BorderRequest(http.Request):
         self.content = io.BytesIO()
         if length is not None and length > self._cap:
             self.too_large = True
+            # Never invite a body that will be refused: Twisted sends
+            # `100 Continue` right after this when the client asked. (The
+            # client sends its body after its own wait, and gets the 413;
+            # answering before the body and closing would make the kernel
+            # reset the connection under the client's unread answer.)
+            self.requestHeaders.removeHeader(b"expect")
+        # One framing, unambiguous: Transfer-Encoding, if present, is one
+        # header line saying exactly "chunked" (RFC 9112 6.1); anything else
+        # is refused with 400 and the connection closed.
+        te = self.requestHeaders.getRawHeaders(b"transfer-encoding")
+        if te is not None and (len(te) != 1 or te[0].strip().lower() != b"chunked"):
+            self.bad_framing = True
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -101,6 +114,14 @@ class BorderRequest(http.Request):
         return content.getvalue() if isinstance(content, io.BytesIO) else b""
 
     def process(self) -> None:
+        if self.bad_framing:
+            if self.channel is not None:
+                self.channel.persistent = False
+            send_error(
+                self,
+                SbgError(400, "M_UNRECOGNIZED", "ambiguous message framing", "malformed_request"),
+            )
+            return
         if self.handler is None:
             self.setResponseCode(500)
             self.finish()
@@ -146,6 +167,28 @@ def send_json(request: http.Request, status: int, body: object) -> int:
     return len(data)
 
 
+class BorderHTTPChannel(http.HTTPChannel):
+    """HTTP/1.1 only (never h2), with refusals that really end the connection.
+
+    Twisted answers some malformed requests by closing the transport
+    directly; over TLS that waits for the channel, still registered as the
+    transport's producer, so the client hung until the idle timeout. These
+    go through the channel's own `loseConnection`, which unregisters first.
+    """
+
+    requestFactory = BorderRequest  # type: ignore[assignment]
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        self.loseConnection()
+
+
 class BorderHTTPFactory(http.HTTPFactory):
     """Builds HTTP/1.1 channels whose requests go to `handler`."""
 
@@ -160,11 +203,7 @@ class BorderHTTPFactory(http.HTTPFactory):
         super().__init__(timeout=idle_timeout, reactor=reactor)
         self.handler = handler
 
-    def buildProtocol(self, addr: IAddress | None) -> Any:
-        p = super().buildProtocol(addr)
-        if p is not None:
-            p.requestFactory = BorderRequest
-        return p
+    protocol = BorderHTTPChannel  # type: ignore[assignment]
 
     def log(self, request: http.Request) -> None:
         # The audit log is the access log.

@@ -276,7 +276,7 @@ class InboundHandler(Pipeline):
         result = await forward(
             agent=agent,
             request=request,
-            url=internal.upstream.rstrip("/").encode() + request.uri,
+            base_url=internal.upstream.rstrip("/").encode(),
             headers=headers,
             body=body if request.method in (b"PUT", b"POST") else None,
             clock=self._rt.reactor,

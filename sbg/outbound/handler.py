@@ -207,13 +207,15 @@ class OutboundHandler(Pipeline):
             # "TLS to the destination fails verification", a 502.
             raise UpstreamError(502, "tls", f"no usable trust for {tls_name}: {e}")
         hosts = request.requestHeaders.getRawHeaders(b"host") or [b""]
-        url = b"https://" + hosts[0] + request.uri
+        # The URL only names the pool; the connection goes where the tunnel's
+        # endpoint says, and Host is sent as received.
+        base_url = b"https://" + hosts[0]
         # Internal addresses are not the external servers' business.
         headers = request_headers_for_upstream(request.requestHeaders, None)
         result = await forward(
             agent=agent,
             request=request,
-            url=url,
+            base_url=base_url,
             headers=headers,
             body=request.body() if request.method in (b"PUT", b"POST") else None,
             clock=self._state.runtime.reactor,

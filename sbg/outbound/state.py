@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from sbg.config.model import Config, ExternalHomeserver, NonMatrixURL
 from sbg.errors import SbgError
 from sbg.hosts import format_authority
+from sbg.http.agent import RawTargetAgent
 from sbg.outbound.chain import HTTPConnectEndpoint
 from sbg.policy.killswitch import Switch
 from sbg.policy.snapshot import Policy
@@ -103,7 +104,7 @@ class OutboundState:
         self._minter: CertMinter | None = None
         self._ca_paths: tuple[str, str] | None = None
         self._tunnels: set[TunnelConnection] = set()
-        self._clients: OrderedDict[tuple[Any, ...], tuple[IAgent, HTTPConnectionPool]] = (
+        self._clients: OrderedDict[tuple[Any, ...], tuple[RawTargetAgent, HTTPConnectionPool]] = (
             OrderedDict()
         )
         self.reconfigure(runtime.policy.config)
@@ -228,7 +229,7 @@ class OutboundState:
         tls_name: str,
         ca_files: tuple[str, ...] | None,
         default_trust: str,
-    ) -> IAgent:
+    ) -> RawTargetAgent:
         """An HTTP client for one (target, TLS name, trust) combination.
 
         Each has its own connection pool, so a connection made for one
@@ -267,7 +268,9 @@ class OutboundState:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 8
         pool.cachedConnectionTimeout = 20
-        agent: IAgent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
+        agent: RawTargetAgent = RawTargetAgent.usingEndpointFactory(
+            reactor, _FixedEndpoint(endpoint), pool=pool
+        )
         self._clients[key] = (agent, pool)
         while len(self._clients) > MAX_UPSTREAM_CLIENTS:
             _k, (_a, old) = self._clients.popitem(last=False)
