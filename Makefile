@@ -40,7 +40,7 @@ e2e: $(STAMP) $(SYNAPSE_STAMP)
 test: lint typecheck unit e2e
 
 fuzz: $(STAMP)
-	PYTHONPATH=$(CURDIR) SBG_FUZZ_EXAMPLES=100000 $(PY) -m twisted.trial tests.test_fuzz
+	PYTHONPATH=$(CURDIR) SBG_FUZZ_EXAMPLES=100000 SBG_FAULT_REQUESTS=10000 $(PY) -m twisted.trial tests.test_fuzz tests.test_upstream_faults
 
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.run
