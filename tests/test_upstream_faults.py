@@ -4,7 +4,7 @@ The faulty upstream is a stand-in (a real misbehaving homeserver cannot be
 had on demand): per request path it closes at once, answers garbage,
 stalls, resets the connection, or cuts a response in the middle of its
 body. A loop of faulty requests checks that no file descriptor and no
-memory is left behind (`SBG_FAULT_REQUESTS`, default 1,000; 10,000 in
+memory is left behind (`SBG_FAULT_REQUESTS`, default 10,000, as in
 `make fuzz`).
 """
 
@@ -113,7 +113,7 @@ class UpstreamFaultTests(TestCase):
         gw = await self.start(
             {"trust_levels.external.inbound": ["discovery", "keys", "legacy_media"]}
         )
-        n = int(os.environ.get("SBG_FAULT_REQUESTS", "1000"))
+        n = int(os.environ.get("SBG_FAULT_REQUESTS", "10000"))
         faults = [f for f in FAULTS if f != b"midbody"]
         requests = [
             build_request(
