@@ -57,3 +57,15 @@ class ForwardedTests(TestCase):
         resp = await exchange("127.0.0.1", gw.ports["inbound"], req)
         assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
         self.assertEqual(gw.last_audit()["peer"], "127.0.0.1")
+
+    async def test_garbage_last_element_gives_no_client_address(self) -> None:
+        gw = await start_gateway(
+            self, plain({"external_homeservers[0].source_ips": ["127.0.0.0/8"]})
+        )
+        req = gw.signed_request("PUT", TXN, txn_body())
+        head, sep, body = req.partition(b"\r\n\r\n")
+        # Not an address: the terminator's own (allowed) address must not
+        # stand in for the client's.
+        req = head + b"\r\nX-Forwarded-For: 127.0.0.1, not-an-ip" + sep + body
+        resp = await exchange("127.0.0.1", gw.ports["inbound"], req)
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")

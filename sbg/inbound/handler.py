@@ -98,7 +98,9 @@ class InboundHandler(Pipeline):
             try:
                 client = str(ipaddress.ip_address(last))
             except ValueError:
-                client = tcp_peer
+                # Not an address: no client address at all (it matches no
+                # `source_ips`), rather than the terminator's own.
+                client = "-"
             return client, joined + b", " + tcp_peer.encode()
         return client, tcp_peer.encode()
 
