@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from typing import Any, Protocol
 
@@ -20,6 +21,9 @@ from twisted.web import http
 from sbg.errors import SbgError
 
 logger = logging.getLogger(__name__)
+
+# Control bytes (HTAB is legal in a field value) and DEL.
+_BAD_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RequestHandler(Protocol):
@@ -97,6 +101,13 @@ class BorderRequest(http.Request):
         te = self.requestHeaders.getRawHeaders(b"transfer-encoding")
         if te is not None and (len(te) != 1 or te[0].strip().lower() != b"chunked"):
             self.bad_framing = True
+        # A CR, LF, NUL or other control byte inside a header line: older
+        # Twisted lets a bare CR or LF through as part of a value, which a
+        # server behind could read as a line break. Refused, never relayed.
+        for name, values in self.requestHeaders.getAllRawHeaders():
+            if _BAD_HEADER_BYTES.search(name) or any(_BAD_HEADER_BYTES.search(v) for v in values):
+                self.bad_framing = True
+                break
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytes_in += len(data)
