@@ -11,7 +11,6 @@ import configparser
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -164,20 +163,8 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertGreater(_seconds(timeout), 30)
         self.assertDirective("Restart", "on-failure")
 
-    def test_systemd_analyze_verify_is_clean(self) -> None:
-        tool = shutil.which("systemd-analyze")
-        if tool is None:
-            raise SkipTest("systemd-analyze is not installed")
-        if not os.path.exists("/usr/bin/twistd3"):
-            raise SkipTest("verify needs ExecStart's /usr/bin/twistd3 (python3-twisted)")
-        result = subprocess.run(
-            [tool, "verify", str(DEBIAN / "sbg.service")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        self.assertEqual((result.returncode, result.stderr), (0, ""))
+    # `systemd-analyze verify` of the installed unit runs in scripts/ci-deb-check,
+    # where systemd and Debian's twistd3 are installed; it fails CI there.
 
 
 class PluginTests(SynchronousTestCase):
