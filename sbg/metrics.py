@@ -7,6 +7,8 @@ a Host header, an SNI or a path an attacker chose.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -89,11 +91,22 @@ class Metrics:
             "Open outbound CONNECT tunnels.",
             registry=r,
         )
+        self._request_children: dict[tuple[str, str, str, str], Any] = {}
         for direction in ("inbound", "outbound"):
             self.inflight.labels(direction)
             self.duration.labels(direction)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+
+    def count_request(self, direction: str, server: str, group: str, decision: str) -> None:
+        """`sbg_requests_total` += 1, with the labelled child cached: the label
+        values come from the configuration and fixed sets, so the cache stays
+        as small as the metric itself."""
+        key = (direction, server, group, decision)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

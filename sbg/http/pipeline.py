@@ -73,6 +73,8 @@ class Pipeline:
         self._audit = audit
         self._metrics = metrics
         self._tracker = tracker
+        self._inflight = metrics.inflight.labels(self.direction)
+        self._duration = metrics.duration.labels(self.direction)
 
     def handle(self, request: BorderRequest) -> None:
         d = defer.ensureDeferred(self._run(request))
@@ -111,7 +113,7 @@ class Pipeline:
             bytes_in=request.bytes_in,
         )
         ctx = RequestContext(record)
-        inflight = self._metrics.inflight.labels(self.direction)
+        inflight = self._inflight
         inflight.inc()
         self._tracker.enter()
         if self._tracker.draining and request.channel is not None:
@@ -155,8 +157,8 @@ class Pipeline:
             self._tracker.leave()
             elapsed = request.elapsed_ms()
             record.duration_ms = elapsed
-            self._metrics.duration.labels(self.direction).observe(elapsed / 1000.0)
-            self._metrics.requests.labels(
+            self._duration.observe(elapsed / 1000.0)
+            self._metrics.count_request(
                 self.direction, ctx.server, record.group or UNKNOWN, record.decision
-            ).inc()
+            )
             self._audit.emit(record)

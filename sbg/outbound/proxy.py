@@ -203,7 +203,7 @@ class ConnectProtocol(Protocol):
     def _emit(self, record: AuditRecord, server: str) -> None:
         record.duration_ms = (time.monotonic() - self._started) * 1000.0
         m = self._state.runtime.metrics
-        m.requests.labels("outbound", server, UNKNOWN, record.decision).inc()
+        m.count_request("outbound", server, UNKNOWN, record.decision)
         self._state.runtime.audit.emit(record)
 
     # -- tunnel mode -------------------------------------------------------
