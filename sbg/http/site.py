@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 # Control bytes (HTAB is legal in a field value) and DEL.
 _BAD_HEADER_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ HTTP/1\.[01]")
 
 
 class RequestHandler(Protocol):
@@ -101,13 +102,6 @@ class BorderRequest(http.Request):
         te = self.requestHeaders.getRawHeaders(b"transfer-encoding")
         if te is not None and (len(te) != 1 or te[0].strip().lower() != b"chunked"):
             self.bad_framing = True
-        # A CR, LF, NUL or other control byte inside a header line: older
-        # Twisted lets a bare CR or LF through as part of a value, which a
-        # server behind could read as a line break. Refused, never relayed.
-        for name, values in self.requestHeaders.getAllRawHeaders():
-            if _BAD_HEADER_BYTES.search(name) or any(_BAD_HEADER_BYTES.search(v) for v in values):
-                self.bad_framing = True
-                break
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -191,6 +185,25 @@ class BorderHTTPChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
+
+    def lineReceived(self, line: bytes) -> None:
+        # The request line, strictly `METHOD SP target SP HTTP/x.y` (older
+        # Twisted accepts any whitespace between the parts).
+        first = getattr(self, "_HTTPChannel__first_line", 0)
+        if first and line and not _REQUEST_LINE.fullmatch(line):
+            self._respondToBadRequestAndDisconnect()
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        # A CR, LF, NUL or other control byte inside a header line is refused
+        # here, on the raw line: older Twisted turns a bare CR or LF into a
+        # space when it stores the value, and a request sbg relays must be
+        # the one it received.
+        if _BAD_HEADER_BYTES.search(line):
+            self._respondToBadRequestAndDisconnect()
+            return False
+        return bool(super().headerReceived(line))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         if self.transport is not None:
