@@ -23,19 +23,20 @@ import os
 import re
 import string
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import threads
 
 from sbg.errors import SbgError
-from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Endpoint, Match, match_target
+from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Match, match_target
 from sbg.matrix.groups import GROUPS
 from tests.asynctest import TestCase
 from tests.configtools import INTERNAL_HOST, INTERNAL_SERVER
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import RawResponse, build_request, exchange_sync
+from tests.test_endpoints_property import synapse_route
 
 EXAMPLES = int(os.environ.get("SBG_FUZZ_EXAMPLES", "0") or 0) or 150
 
@@ -55,55 +56,6 @@ OPEN_BORDER: dict[str, Any] = {
 # --------------------------------------------------------------------------
 # Synapse's router, modelled (synapse/http/server.py on twisted.web)
 # --------------------------------------------------------------------------
-
-_QUERY_LITERALS = {"profile": "query_profile", "directory": "query_directory"}
-
-
-def _route_regex(template: str) -> re.Pattern[str]:
-    parts = [
-        f"(?P<{seg[1:-1]}>[^/]*)" if seg.startswith("{") else re.escape(seg)
-        for seg in template.split("/")
-    ]
-    return re.compile("^" + "/".join(parts) + "$")
-
-
-def _routes() -> list[tuple[re.Pattern[str], dict[str, Endpoint]]]:
-    by_template: dict[str, dict[str, Endpoint]] = {}
-    for ep in ENDPOINTS:
-        if ep.name in _QUERY_LITERALS.values():
-            continue  # Synapse has one /query/{queryType} route
-        by_template.setdefault(ep.template, {})[ep.method] = ep
-    return [(_route_regex(t), methods) for t, methods in by_template.items()]
-
-
-_ROUTES = _routes()
-
-
-def synapse_route(method: bytes, target: bytes) -> tuple[Endpoint, dict[str, str]] | int:
-    """What twisted.web + Synapse make of a request: (endpoint, params) or a status.
-
-    twisted.web cuts `request.path` at the first `?`; Synapse ASCII-decodes
-    it (400 otherwise), matches each route's anchored regex, answers 405 if
-    the path matches with another method, and `unquote`s the captured
-    parameters. `/query/{queryType}` dispatches on the decoded type.
-    """
-    try:
-        path = target.split(b"?", 1)[0].decode("ascii")
-    except UnicodeDecodeError:
-        return 400
-    wanted = "GET" if method == b"HEAD" else method.decode("latin-1")
-    for regex, methods in _ROUTES:
-        m = regex.match(path)
-        if m is None:
-            continue
-        ep = methods.get(wanted)
-        if ep is None:
-            return 405
-        params = {k: unquote(v) for k, v in m.groupdict().items()}
-        if ep.name == "query" and params["queryType"] in _QUERY_LITERALS:
-            return ENDPOINTS_BY_NAME[_QUERY_LITERALS[params["queryType"]]], {}
-        return ep, params
-    return 404
 
 
 def synapse_auth(header: bytes) -> tuple[str, str, str, str | None] | None:

@@ -56,8 +56,17 @@ ROUTES = _build_routes()
 
 
 def synapse_route(method: bytes, target: bytes) -> tuple[Endpoint, dict[str, str]] | int:
-    """What Synapse would do: (endpoint, params), or 404/405."""
-    path = target.split(b"?", 1)[0].decode("ascii")
+    """What twisted.web + Synapse make of a request: (endpoint, params) or a status.
+
+    twisted.web cuts `request.path` at the first `?`; Synapse ASCII-decodes
+    it (400 otherwise), matches each route's anchored regex, answers 405 if
+    the path matches with another method, and `unquote`s the captured
+    parameters. `/query/{queryType}` dispatches on the decoded type.
+    """
+    try:
+        path = target.split(b"?", 1)[0].decode("ascii")
+    except UnicodeDecodeError:
+        return 400
     wanted = "GET" if method == b"HEAD" else method.decode("latin-1")
     for regex, methods in ROUTES:
         m = regex.match(path)
@@ -66,7 +75,7 @@ def synapse_route(method: bytes, target: bytes) -> tuple[Endpoint, dict[str, str
         ep = methods.get(wanted)
         if ep is None:
             return 405
-        params = {k: unquote(v) if v else v for k, v in m.groupdict().items()}
+        params = {k: unquote(v) for k, v in m.groupdict().items()}
         if ep.name == "query" and params["queryType"] in _QUERY_LITERALS:
             return ENDPOINTS_BY_NAME[_QUERY_LITERALS[params["queryType"]]], {}
         return ep, params
