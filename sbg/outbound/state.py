@@ -181,7 +181,7 @@ class OutboundState:
                 "killswitch",
                 tunnel.server_name,
             )
-        if tunnel.kind != "non_matrix" and self._minter is None:
+        if self._minter is None:  # every tunnel is intercepted
             raise TunnelRefused("no interception CA configured", "no_ca")
         return tunnel
 
