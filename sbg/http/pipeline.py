@@ -7,6 +7,7 @@ writes exactly one audit record and the metrics for it.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from twisted.python.failure import Failure
 
 from sbg.audit import AuditLog, AuditRecord, path_for_log
 from sbg.errors import SbgError
-from sbg.http.forward import ClientGone, UpstreamError
+from sbg.http.forward import ClientGone, ForwardResult, UpstreamError
 from sbg.http.site import BorderRequest, send_error
 from sbg.metrics import UNKNOWN, Metrics
 
@@ -31,6 +32,13 @@ class RequestContext:
     server: str = UNKNOWN
     # Refusal codes monitor mode let through (counted, logged as would_deny).
     would_deny: list[str] = field(default_factory=list)
+
+    def record_result(self, result: ForwardResult) -> None:
+        """What the upstream answered, for the audit record."""
+        self.record.status = result.status
+        self.record.bytes_out = result.bytes_out
+        if not result.complete:
+            self.record.reason = "response body cut short"
 
     def allow(self) -> None:
         """The request is forwarded (a would_deny decision stays one)."""
@@ -66,7 +74,7 @@ class InflightTracker:
         return d
 
 
-class Pipeline:
+class Pipeline(abc.ABC):
     direction: str = "inbound"
 
     def __init__(self, audit: AuditLog, metrics: Metrics, tracker: InflightTracker) -> None:
@@ -86,8 +94,9 @@ class Pipeline:
             request.setResponseCode(500)
             request.finish()
 
+    @abc.abstractmethod
     async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
-        raise NotImplementedError
+        """Decide on `request` (raising `SbgError` to refuse) and forward it."""
 
     def soft_refusal(self, ctx: RequestContext, err: SbgError, mode: str) -> None:
         """A trust-level or origin-consistency refusal, which monitor mode

@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.web import http
 
 from sbg.errors import SbgError
+from sbg.hosts import parse_sni
+from sbg.tls.server import sni_of
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,12 @@ class BorderRequest(http.Request):
             self.finish()
             return
         self.handler.handle(self)
+
+    def sni(self) -> str | None:
+        """The normalised TLS server name the client sent, None without TLS/SNI."""
+        transport = self.channel.transport if self.channel is not None else None
+        name = sni_of(transport) if transport is not None else None
+        return parse_sni(name.encode("ascii", "replace")) if name else None
 
     def peer_host(self) -> str:
         peer: IAddress = self.getClientAddress()

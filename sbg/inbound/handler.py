@@ -14,7 +14,7 @@ from twisted.internet import threads
 
 from sbg.config.model import ExternalHomeserver, InternalHomeserver, Listener, RateLimit
 from sbg.errors import SbgError
-from sbg.hosts import HostParseError, parse_authority, parse_sni
+from sbg.hosts import HostParseError, parse_authority
 from sbg.http.forward import forward, request_headers_for_upstream
 from sbg.http.pipeline import InflightTracker, Pipeline, RequestContext
 from sbg.http.site import BorderRequest
@@ -24,7 +24,6 @@ from sbg.matrix.origin import check_origin_consistency
 from sbg.matrix.xmatrix import XMatrixAuth, parse_authorization, verify_request_signature
 from sbg.policy.snapshot import Policy
 from sbg.runtime import Runtime
-from sbg.tls.server import sni_of
 
 # Bodies above this are parsed and verified in the thread pool, so a
 # multi-megabyte transaction never blocks the reactor.
@@ -126,7 +125,7 @@ class InboundHandler(Pipeline):
         if internal is None:
             raise _not_found("Host names no server behind this gateway", "unknown_host")
         if self._listener.tls:
-            sni = parse_sni(_raw_sni(request))
+            sni = request.sni()
             if sni is not None:
                 by_sni = policy.internal_for_sni(sni)
                 if by_sni is not None and by_sni is not internal:
@@ -247,56 +246,25 @@ class InboundHandler(Pipeline):
                     self.soft_refusal(ctx, err, mode)
 
         ctx.allow()
-        limits = policy.config.limits
-        budget = self._rt.inflight
-        server = origin.server_name if origin is not None else None
-        if not budget.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
-            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
-        try:
-            await self._forward(request, ctx, policy, internal, body)
-        finally:
-            budget.release(server)
+        _client, xff = self._forwarded_for(request)
+        settings = policy.config.inbound
+        with self._rt.inflight.hold(origin.server_name if origin else None, policy.config.limits):
+            result = await forward(
+                agent=self._rt.upstream_agent(internal),
+                request=request,
+                base_url=internal.upstream.rstrip("/").encode(),
+                headers=request_headers_for_upstream(request.requestHeaders, xff),
+                body=body if request.method in (b"PUT", b"POST") else None,
+                clock=self._rt.reactor,
+                request_timeout=settings.request_timeout,
+                idle_timeout=settings.idle_timeout,
+            )
+        ctx.record_result(result)
 
     def _rate_limit(self, key: str, limit: RateLimit, code: str) -> None:
         wait = self._rt.rate_limiter.take(key, limit)
         if wait > 0:
             raise RateLimited(int(wait * 1000) + 1, code)
-
-    async def _forward(
-        self,
-        request: BorderRequest,
-        ctx: RequestContext,
-        policy: Policy,
-        internal: InternalHomeserver,
-        body: bytes,
-    ) -> None:
-        rec = ctx.record
-        _client, xff = self._forwarded_for(request)
-        headers = request_headers_for_upstream(request.requestHeaders, xff)
-        agent = self._rt.upstream_agent(internal)
-        settings = policy.config.inbound
-        result = await forward(
-            agent=agent,
-            request=request,
-            base_url=internal.upstream.rstrip("/").encode(),
-            headers=headers,
-            body=body if request.method in (b"PUT", b"POST") else None,
-            clock=self._rt.reactor,
-            request_timeout=settings.request_timeout,
-            idle_timeout=settings.idle_timeout,
-        )
-        rec.status = result.status
-        rec.bytes_out = result.bytes_out
-        if not result.complete:
-            rec.reason = "response body cut short"
-
-
-def _raw_sni(request: BorderRequest) -> bytes | None:
-    transport = request.channel.transport if request.channel is not None else None
-    if transport is None:
-        return None
-    name = sni_of(transport)
-    return name.encode("ascii", "replace") if name else None
 
 
 def _in_networks(peer: str, server: ExternalHomeserver) -> bool:

@@ -8,7 +8,7 @@ applies to open tunnels at once.
 from __future__ import annotations
 
 from sbg.errors import SbgError
-from sbg.hosts import HostParseError, parse_authority, parse_sni
+from sbg.hosts import HostParseError, parse_authority
 from sbg.http.forward import UpstreamError, forward, request_headers_for_upstream
 from sbg.http.pipeline import Pipeline, RequestContext
 from sbg.http.site import BorderRequest
@@ -17,19 +17,10 @@ from sbg.matrix.xmatrix import parse_authorization
 from sbg.outbound.state import OutboundState, Tunnel
 from sbg.tls.client import NoUpstreamTrust
 from sbg.tls.pem import PemError
-from sbg.tls.server import sni_of
 
 
 def _forbidden(reason: str, code: str) -> SbgError:
     return SbgError(403, "M_FORBIDDEN", reason, code)
-
-
-def _sni(request: BorderRequest) -> str | None:
-    transport = request.channel.transport if request.channel is not None else None
-    if transport is None:
-        return None
-    name = sni_of(transport)
-    return parse_sni(name.encode("ascii", "replace")) if name else None
 
 
 class OutboundHandler(Pipeline):
@@ -86,7 +77,7 @@ class OutboundHandler(Pipeline):
         ctx.server = tunnel.metric_server
         ks = self._state.runtime.killswitch
         host, port = self._host(request)
-        sni = _sni(request)
+        sni = request.sni()
         settings = policy.config.outbound
 
         if tunnel.kind == "non_matrix":
@@ -176,27 +167,6 @@ class OutboundHandler(Pipeline):
         ca_file: str | None,
         default_trust: str,
     ) -> None:
-        limits = tunnel.policy.config.limits
-        budget = self._state.runtime.inflight
-        server = tunnel.server_name
-        if not budget.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
-            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
-        try:
-            await self._forward_within_budget(
-                tunnel, request, ctx, tls_name, ca_file, default_trust
-            )
-        finally:
-            budget.release(server)
-
-    async def _forward_within_budget(
-        self,
-        tunnel: Tunnel,
-        request: BorderRequest,
-        ctx: RequestContext,
-        tls_name: str,
-        ca_file: str | None,
-        default_trust: str,
-    ) -> None:
         settings = tunnel.policy.config.outbound
         try:
             agent = self._state.agent_for(
@@ -212,17 +182,15 @@ class OutboundHandler(Pipeline):
         base_url = b"https://" + hosts[0]
         # Internal addresses are not the external servers' business.
         headers = request_headers_for_upstream(request.requestHeaders, None)
-        result = await forward(
-            agent=agent,
-            request=request,
-            base_url=base_url,
-            headers=headers,
-            body=request.body() if request.method in (b"PUT", b"POST") else None,
-            clock=self._state.runtime.reactor,
-            request_timeout=settings.request_timeout,
-            idle_timeout=settings.idle_timeout,
-        )
-        ctx.record.status = result.status
-        ctx.record.bytes_out = result.bytes_out
-        if not result.complete:
-            ctx.record.reason = "response body cut short"
+        with self._state.runtime.inflight.hold(tunnel.server_name, tunnel.policy.config.limits):
+            result = await forward(
+                agent=agent,
+                request=request,
+                base_url=base_url,
+                headers=headers,
+                body=request.body() if request.method in (b"PUT", b"POST") else None,
+                clock=self._state.runtime.reactor,
+                request_timeout=settings.request_timeout,
+                idle_timeout=settings.idle_timeout,
+            )
+        ctx.record_result(result)

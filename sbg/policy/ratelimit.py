@@ -10,9 +10,11 @@ one server exhausting its budget does not starve the others.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from sbg.config.model import RateLimit
+from sbg.config.model import Limits, RateLimit
+from sbg.errors import SbgError
 
 
 class RateLimiter:
@@ -64,3 +66,13 @@ class InflightBudget:
                 self._per_server[server] = left
             else:
                 self._per_server.pop(server, None)
+
+    @contextmanager
+    def hold(self, server: str | None, limits: Limits) -> Iterator[None]:
+        """One request forwarded for `server`, or 503 when no budget is left."""
+        if not self.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
+            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
+        try:
+            yield
+        finally:
+            self.release(server)
