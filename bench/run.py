@@ -592,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
         "--handshakes", type=int, help="TLS handshakes timed per target (default 200; quick 50)"
     )
     p.add_argument(
-        "--profile", metavar="DIR", help="then profile sbg under W1 with py-spy, writing DIR/"
+        "--profile",
+        metavar="DIR",
+        help="then profile sbg with py-spy under the first selected workload (W1 by default), writing DIR/",
     )
     p.add_argument("--profile-seconds", type=float, default=20.0)
     p.add_argument(
@@ -664,11 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             if sbg is None or not sbg.alive():
                 print("bench: sbg is not running, no profile", file=sys.stderr)
             else:
-                w1 = (
-                    selected[0]
-                    if selected and selected[0].name == "W1"
-                    else workloads(files, args.quick)[0]
-                )
+                # The first selected workload (W1 unless --workloads says).
+                w1 = selected[0] if selected else workloads(files, args.quick)[0]
                 out.append(
                     profile.profile_sbg(
                         sbg.pid,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, generate_signing_key, get_verify_key
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +13,7 @@ from sbg.matrix.xmatrix import (
     XMatrixAuth,
     parse_authorization,
     sign_request,
+    signed_bytes_with_raw_body,
     signed_request_json,
     verify_request_signature,
 )
@@ -270,3 +272,52 @@ class SignatureTests(SynchronousTestCase):
             signed_request_json("PUT", "/x", "a", "b", {})["content"],
             {},
         )
+
+
+class RawBodySignatureTests(SignatureTests):
+    """Every signature test again, with the raw body given as Synapse sends
+    it (canonical JSON): the check over the body's own bytes comes first."""
+
+    def _verify(self, auth: XMatrixAuth, **kw: object) -> None:
+        content = kw.get("content", self.content)
+        if content is not None and "body" not in kw:
+            kw["body"] = encode_canonical_json(content)
+        super()._verify(auth, **kw)
+
+    def _sign_raw(self, body: bytes, destination: str = "hs-int.test") -> XMatrixAuth:
+        """A signature over the request with `body` spliced in as it is."""
+        message = signed_bytes_with_raw_body(
+            "PUT", self.uri.decode(), "hs-ext.test", destination, body
+        )
+        sig = self.key.sign(message).signature
+        return XMatrixAuth(
+            "hs-ext.test", destination, "ed25519:k1", base64.b64encode(sig).decode().rstrip("=")
+        )
+
+    def test_spliced_bytes_are_the_canonical_encoding(self) -> None:
+        body = encode_canonical_json(self.content)
+        self.assertEqual(
+            signed_bytes_with_raw_body("PUT", "/x?y", "a", "b", body),
+            encode_canonical_json(signed_request_json("PUT", "/x?y", "a", "b", self.content)),
+        )
+
+    def test_non_canonical_body_falls_back_to_canonical(self) -> None:
+        # Keys out of order and spaces: the raw bytes are not what was
+        # signed, the canonical encoding of the parse is.
+        body = b'{ "pdus": [], "edus": [ {"content": {"f": 1.5}, "edu_type": "m.typing"} ] }'
+        self._verify(self._auth(), body=body)
+
+    def test_signature_over_the_raw_body_verifies(self) -> None:
+        body = b'{"edus": [{"content": {"f": 1.5}, "edu_type": "m.typing"}], "pdus": []}'
+        self._verify(self._sign_raw(body), body=body)
+
+    def test_raw_signature_does_not_cover_other_bytes(self) -> None:
+        body = b'{"edus": [{"content": {"f": 1.5}, "edu_type": "m.typing"}], "pdus": []}'
+        auth = self._sign_raw(body)
+        # Same parse, other bytes: neither check passes.
+        self._assert_bad(auth, body=body.replace(b", ", b","))
+        self._assert_bad(auth, body=encode_canonical_json(self.content))
+        # Signed for another destination.
+        self._assert_bad(self._sign_raw(body, "elsewhere.test"), body=body)
+        # Without a body (GET), the raw check does not apply.
+        self._assert_bad(auth, method="GET", content=None, body=None)

@@ -66,7 +66,7 @@ def _parse_and_verify(
     elif body:
         raise SbgError(400, "M_NOT_JSON", "this endpoint takes no request body", "unexpected_body")
     if auth is not None:
-        verify_request_signature(auth, method, uri, destination, content, keys)
+        verify_request_signature(auth, method, uri, destination, content, keys, body)
     return content
 
 

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from canonicaljson import encode_canonical_json
+from nacl.exceptions import BadSignatureError
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 
 from sbg.errors import SbgError
@@ -168,6 +170,30 @@ def signed_request_json(
     return obj
 
 
+def signed_bytes_with_raw_body(
+    method: str, uri: str, origin: str, destination: str, body: bytes
+) -> bytes:
+    """The signed object's encoding with `content` spliced in as received.
+
+    Synapse sends request bodies as canonical JSON, so for its requests this
+    is exactly the canonical encoding of `signed_request_json(...)` (the keys
+    `content` < `destination` < `method` < `origin` < `uri` are in order),
+    without parsing the body again or encoding it.
+    """
+    rest = encode_canonical_json(
+        {"destination": destination, "method": method, "origin": origin, "uri": uri}
+    )
+    return b'{"content":' + body + b"," + rest[1:]
+
+
+def _verifies(key: VerifyKey, message: bytes, sig: bytes) -> bool:
+    try:
+        key.verify(message, sig)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
 def _bad_signature(reason: str) -> SbgError:
     return SbgError(401, "M_UNAUTHORIZED", reason, "bad_signature")
 
@@ -179,6 +205,7 @@ def verify_request_signature(
     destination: str,
     content: object | None,
     keys: Mapping[str, VerifyKey],
+    body: bytes | None = None,
 ) -> None:
     """Check the header's signature over the request, as Synapse does.
 
@@ -190,6 +217,13 @@ def verify_request_signature(
             the header says, like Synapse).
         content: the parsed JSON body, or None when there is none.
         keys: the origin's usable keys by key id (signedjson verify keys).
+        body: the raw body `content` was strictly parsed from (one JSON
+            object, nothing else), if any. A signature over the request
+            with these very bytes as its content is checked first: it is
+            the canonical encoding whenever the sender sent canonical JSON
+            (Synapse does), and either way it proves the origin's key signed
+            this destination, method, target and body. Otherwise the check
+            is over the canonical encoding of `content`, as Synapse's.
 
     Raises:
         SbgError: 401 `M_UNAUTHORIZED`, code `unknown_key` when `keys` has
@@ -208,6 +242,10 @@ def verify_request_signature(
         uri_text = uri.decode("ascii")
     except UnicodeDecodeError:
         raise _bad_signature("request target is not ASCII")
+    if body is not None and content is not None:
+        raw = signed_bytes_with_raw_body(method, uri_text, auth.origin, destination, body)
+        if _verifies(key, raw, _decode_sig(auth.sig)):
+            return
     signed = signed_request_json(method, uri_text, auth.origin, destination, content)
     # signedjson looks the signature up under the key's own id.
     signed["signatures"] = {auth.origin: {f"{key.alg}:{key.version}": auth.sig.rstrip("=")}}
