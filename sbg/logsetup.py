@@ -90,6 +90,15 @@ class LogWriter:
             except (OSError, ValueError):
                 pass
 
+    def relay(self, text: str) -> None:
+        """Write whole lines another process (a worker) already rendered."""
+        with self._lock:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
 
 class WriterHandler(logging.Handler):
     """stdlib logging -> LogWriter."""

@@ -7,12 +7,20 @@ a Host header, an SNI or a path an attacker chose.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 UNKNOWN = "unknown"
+# With `workers: N` these are the supervisor's own state; every other
+# family is counted by the workers and summed from PROMETHEUS_MULTIPROC_DIR.
+SUPERVISOR_FAMILIES = frozenset(
+    {"sbg_config_reloads", "sbg_killswitch_engaged", "sbg_certificate_expiry_timestamp_seconds"}
+)
 
 
 class Metrics:
@@ -61,6 +69,7 @@ class Metrics:
             "Requests being processed or forwarded.",
             ["direction"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.config_reloads = Counter(
             "sbg_config_reloads",
@@ -90,6 +99,7 @@ class Metrics:
             "sbg_outbound_tunnels",
             "Open outbound CONNECT tunnels.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         for direction in ("inbound", "outbound"):
@@ -110,3 +120,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkersCollector:
+    """The supervisor's view: its own families plus the workers' summed."""
+
+    def __init__(self, own: Metrics, directory: str) -> None:
+        self._own = own
+        self._workers = MultiProcessCollector(None, path=directory)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._workers.collect():
+            if family.name not in SUPERVISOR_FAMILIES:
+                yield family
+        for family in self._own.registry.collect():
+            if family.name in SUPERVISOR_FAMILIES:
+                yield family
+
+    def render(self) -> bytes:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
@@ -27,6 +29,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
@@ -86,8 +89,14 @@ class GatewayService(MultiService):
         log_observer: ILogObserver | None = None,
         on_reconfigure: Callable[[Config], None] | None = None,
         install_signals: bool = True,
+        adopted: Mapping[tuple[int, str], int] | None = None,
     ) -> None:
+        """`adopted` makes this a worker of `workers: N` (sbg.supervisor):
+        (listener index, bind address) -> the listening socket's file
+        descriptor, inherited from the supervisor; admin listeners are the
+        supervisor's, and the kill switch is followed from `state_dir`."""
         super().__init__()
+        self._adopted = adopted
         self.config = config
         self.reactor = reactor
         self._log_observer = log_observer
@@ -96,6 +105,13 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.killswitch = KillSwitch(config.state_dir)
         self.killswitch.load()
+        self._ks_poll: LoopingCall | None = None
+        if adopted is not None:
+            self.killswitch.watch()
+            # Requests check the file themselves; this closes the open
+            # tunnels a switch covers even when no request comes.
+            self._ks_poll = LoopingCall(self.killswitch.refresh)
+            self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
         self.runtime = Runtime(
             reactor, Policy.build(config), self.killswitch, AuditLog(), self.metrics
@@ -103,17 +119,25 @@ class GatewayService(MultiService):
         self.outbound = OutboundState(self.runtime, self.tracker)
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
-        update_certificate_expiry(config, self.metrics)
+        self._update_certificate_expiry(config)
         self._inbound_tls: _SwappableServerTLS | None = None
         self._ports: list[StreamServerEndpointService] = []
         self._port_owners: list[tuple[Listener, str]] = []
         self._stopping = False
         # What is in service until a restart, whatever later reloads say.
         self._started_with = (config.listeners, config.state_dir)
-        for listener in config.listeners:
+        for index, listener in enumerate(config.listeners):
+            if adopted is not None and listener.type == "admin":
+                continue
             factory = self._factory_for(listener)
             for address in listener.bind_addresses:
-                svc = StreamServerEndpointService(self._endpoint(listener, address), factory)
+                endpoint = self._endpoint(listener, address)
+                if adopted is not None:
+                    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                    endpoint = AdoptedStreamServerEndpoint(
+                        reactor, adopted[(index, address)], family
+                    )
+                svc = StreamServerEndpointService(endpoint, factory)
                 svc._raiseSynchronously = True
                 svc.setServiceParent(self)
                 self._ports.append(svc)
@@ -181,6 +205,8 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self._ks_poll is not None:
+            self._ks_poll.start(1.0, now=False)
         if self._install_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
         logger.info(
@@ -247,7 +273,7 @@ class GatewayService(MultiService):
             self._inbound_tls.current = tls
         self.outbound.reconfigure(new)
         self.config = new
-        update_certificate_expiry(new, self.metrics)
+        self._update_certificate_expiry(new)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)
         self.metrics.config_reloads.labels("success").inc()
@@ -286,6 +312,8 @@ class GatewayService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop listening, cut the tunnels, close the upstream connections."""
+        if self._ks_poll is not None and self._ks_poll.running:
+            self._ks_poll.stop()
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()
         closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]
@@ -293,11 +321,21 @@ class GatewayService(MultiService):
         return d.addCallback(_discard)
 
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
-        gauge = self.metrics.killswitch
-        gauge.clear()
-        for server, direction in engaged:
-            gauge.labels(server or "global", direction).set(1)
+        # A worker's supervisor reports the switches and certificates.
+        if self._adopted is None:
+            set_killswitch_gauge(self.metrics, engaged)
         self.outbound.killswitch_changed(engaged)
+
+    def _update_certificate_expiry(self, config: Config) -> None:
+        if self._adopted is None:
+            update_certificate_expiry(config, self.metrics)
+
+
+def set_killswitch_gauge(metrics: Metrics, engaged: frozenset[Switch]) -> None:
+    gauge = metrics.killswitch
+    gauge.clear()
+    for server, direction in engaged:
+        gauge.labels(server or "global", direction).set(1)
 
 
 def _discard(_: object) -> None:

@@ -61,6 +61,16 @@ def makeService(options: usage.Options) -> IService:
     writer = LogWriter(_log_stream(options), config.log_format, config.log_level)
     install_stdlib(writer)
     try:
+        if config.workers > 1:
+            from sbg.supervisor import SupervisorService
+
+            return SupervisorService(
+                config,
+                reactor,
+                writer,
+                log_observer=TwistedObserver(writer),
+                on_reconfigure=lambda c: writer.configure(c.log_format, c.log_level),
+            )
         return GatewayService(
             config,
             reactor,

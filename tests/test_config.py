@@ -697,8 +697,8 @@ class ListenerTests(ConfigTestCase):
     def test_workers(self) -> None:
         self.assertEqual(self.load({"workers": 1}).workers, 1)
         self.assertEqual(self.load({"workers": DELETE}).workers, 1)
-        # Several processes are not supported yet: refused, not ignored.
-        self.assertProblem({"workers": 4}, "workers", "only 1")
+        self.assertEqual(self.load({"workers": 4}).workers, 4)
+        self.assertProblem({"workers": 65}, "workers", "between 1 and 64")
         for bad in (0, -2, True, "2"):
             self.assertProblem({"workers": bad}, "workers")
 

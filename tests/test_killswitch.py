@@ -86,3 +86,63 @@ class KillSwitchTests(SynchronousTestCase):
         ks = KillSwitch(self.dir)
         ks.load()
         self.assertRaises(ValueError, ks.engage, None, "sideways")
+
+
+class WatchTests(SynchronousTestCase):
+    """A worker process follows the state its supervisor's admin API writes."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.join(self.mktemp(), "state")
+        self.admin = KillSwitch(self.dir)
+        self.admin.load()
+        self.worker = KillSwitch(self.dir)
+        self.worker.load()
+        self.worker.watch()
+        self.seen: list[frozenset[object]] = []
+        self.worker.on_change(self.seen.append)
+
+    def test_next_check_after_engage_sees_it(self) -> None:
+        self.assertFalse(self.worker.is_killed("a.example", "inbound"))
+        self.admin.engage("a.example", "inbound")
+        # No signal, no timer: the very next check.
+        self.assertTrue(self.worker.is_killed("a.example", "inbound"))
+        self.assertFalse(self.worker.is_killed("a.example", "outbound"))
+        self.assertEqual(self.seen, [frozenset({("a.example", "inbound")})])
+        self.admin.engage(None, "outbound")
+        self.assertTrue(self.worker.is_killed("b.example", "outbound"))
+        self.admin.lift("a.example", "inbound")
+        self.admin.lift(None, "outbound")
+        self.assertFalse(self.worker.is_killed("a.example", "inbound"))
+        self.assertFalse(self.worker.is_killed("b.example", "outbound"))
+
+    def test_many_changes_each_seen(self) -> None:
+        # Back-to-back replacements (the inode may be reused) are all seen.
+        for i in range(50):
+            self.admin.engage(None, "inbound")
+            self.assertTrue(self.worker.is_killed(None, "inbound"), i)
+            self.admin.lift(None, "inbound")
+            self.assertFalse(self.worker.is_killed(None, "inbound"), i)
+
+    def test_unchanged_file_not_read_again(self) -> None:
+        self.admin.engage(None, "inbound")
+        self.assertTrue(self.worker.is_killed(None, "inbound"))
+        self.worker.is_killed(None, "inbound")
+        self.worker.is_killed(None, "outbound")
+        self.assertEqual(len(self.seen), 1)
+
+    def test_damaged_file_keeps_last_state(self) -> None:
+        self.admin.engage(None, "both")
+        self.assertTrue(self.worker.is_killed(None, "inbound"))
+        tmp = os.path.join(self.dir, "x.tmp")
+        with open(tmp, "w") as f:
+            f.write("{not json")
+        os.replace(tmp, self.admin.path)
+        # Fail safe: the switch stays engaged rather than being lifted.
+        self.assertTrue(self.worker.is_killed(None, "inbound"))
+        self.assertTrue(self.worker.is_killed(None, "outbound"))
+
+    def test_removed_file_lifts(self) -> None:
+        self.admin.engage("a.example", "both")
+        self.assertTrue(self.worker.is_killed("a.example", "inbound"))
+        os.remove(self.admin.path)
+        self.assertFalse(self.worker.is_killed("a.example", "inbound"))

@@ -65,6 +65,7 @@ _MAX_SECRET_BYTES = 64 * 1024
 # No configuration, certificate or CA file is this big (/dev/zero is).
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 
+MAX_WORKERS = 64
 _TOP_KEYS = (
     "listeners",
     "log_level",
@@ -632,12 +633,7 @@ class _Reader:
         if admin_token_file is not None and not self.skip_files:
             admin_token = self.secret("admin_token_file", admin_token_file, token=True)
         shutdown_grace = self.duration(top, "shutdown_grace", "", 30.0, positive=False)
-        workers = self.integer(top, "workers", "", default=1, minimum=1) or 1
-        if workers > 1:
-            # Several processes would each need the kill switch, reloads and
-            # metrics shared; until that exists, say so rather than run one.
-            self.error("workers", "only 1 is supported in this version (one process)")
-            workers = 1
+        workers = self.integer(top, "workers", "", default=1, minimum=1, maximum=MAX_WORKERS) or 1
         inbound = self.inbound(top.get("inbound"))
         outbound = self.outbound(top.get("outbound"))
         internals = self.internal_homeservers(top)

@@ -9,6 +9,7 @@ configuration never touches it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import Literal
@@ -18,6 +19,11 @@ DIRECTIONS: tuple[Direction, Direction] = ("inbound", "outbound")
 STATE_FILE = "killswitch.json"
 
 Switch = tuple[str | None, Direction]
+# What identifies one version of the state file: it is replaced (renamed
+# over), never rewritten in place, so a new version has a new ctime.
+Stamp = tuple[int, int, int, int] | None
+
+logger = logging.getLogger(__name__)
 
 
 class KillSwitchStateError(Exception):
@@ -39,6 +45,8 @@ class KillSwitch:
         self._state_dir = state_dir
         self._engaged: frozenset[Switch] = frozenset()
         self._listeners: list[Callable[[frozenset[Switch]], None]] = []
+        self._watching = False
+        self._stamp: Stamp = None
 
     @property
     def path(self) -> str:
@@ -49,9 +57,13 @@ class KillSwitch:
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
         try:
             with open(self.path, encoding="utf-8") as f:
+                stamp = _stamp(os.fstat(f.fileno()))
                 data = json.load(f)
         except FileNotFoundError:
-            self._engaged = frozenset()
+            self._stamp = None
+            if self._engaged:
+                self._engaged = frozenset()
+                self._notify()
             return
         except (OSError, ValueError) as e:
             raise KillSwitchStateError(f"{self.path}: cannot read kill-switch state: {e}")
@@ -65,8 +77,35 @@ class KillSwitch:
                     switches.add((server, d))
         except (KeyError, TypeError, ValueError) as e:
             raise KillSwitchStateError(f"{self.path}: malformed kill-switch state: {e}")
+        self._stamp = stamp
         self._engaged = frozenset(switches)
         self._notify()
+
+    def watch(self) -> None:
+        """Follow a state file that another process writes (a worker of
+        `workers: N` follows its supervisor's admin API): from now on every
+        check first looks, with one `stat`, whether the file was replaced,
+        and reads it again if so. A change is therefore in force for the
+        next request after the admin call returned, in every process."""
+        self._watching = True
+
+    def refresh(self) -> None:
+        """Read the state file again if it was replaced since last read."""
+        try:
+            stamp: Stamp = _stamp(os.stat(self.path))
+        except FileNotFoundError:
+            stamp = None
+        except OSError as e:
+            logger.error("kill switch: cannot stat %s: %s; keeping the last state", self.path, e)
+            return
+        if stamp == self._stamp:
+            return
+        try:
+            self.load()
+        except KillSwitchStateError as e:
+            # Written whole (write-then-rename) by the supervisor: this is
+            # someone else's damage. The last state read stays in force.
+            logger.error("kill switch: %s; keeping the last state", e)
 
     def on_change(self, callback: Callable[[frozenset[Switch]], None]) -> None:
         self._listeners.append(callback)
@@ -77,6 +116,8 @@ class KillSwitch:
 
     def is_killed(self, server: str | None, direction: Direction) -> bool:
         """Whether the global switch or `server`'s switch covers `direction`."""
+        if self._watching:
+            self.refresh()
         e = self._engaged
         if (None, direction) in e:
             return True
@@ -108,6 +149,7 @@ class KillSwitch:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        self._stamp = _stamp(os.stat(self.path))
         dfd = os.open(self._state_dir, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -117,6 +159,10 @@ class KillSwitch:
     def _notify(self) -> None:
         for cb in self._listeners:
             cb(self._engaged)
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def render(switches: Iterable[Switch]) -> list[dict[str, str | None]]:

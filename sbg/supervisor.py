@@ -1,0 +1,383 @@
+"""`workers: N`: one supervising process and N workers sharing its sockets.
+
+The supervisor (the twistd process) binds every inbound and outbound
+listening socket itself and starts N worker processes (`python -m
+sbg.worker`) that inherit them: the kernel hands each new connection to
+one of the workers. Each worker is a whole `GatewayService` on the adopted
+sockets; the supervisor keeps what must be one for all of them:
+
+- the admin listener: the kill switch is written to `state_dir` before the
+  admin call returns, and every worker checks the file (one `stat`) before
+  each decision, so a switch holds for the next request in every process;
+- `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR` (a private
+  directory made at start) and the supervisor sums them;
+- signals: SIGHUP is checked here first (an invalid file is refused once,
+  with `sbg check-config`'s lines) and then passed to every worker; SIGTERM
+  is passed on, and the supervisor exits 0 once every worker has drained;
+- the log: the workers' lines are written out through the supervisor's own
+  output (stdout, `--logfile` or the journal);
+- a worker that dies is started again after a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+from sbg.admin import admin_site
+from sbg.certmetrics import update_certificate_expiry
+from sbg.config.load import load_config
+from sbg.config.model import Config, Listener
+from sbg.errors import ConfigErrors
+from sbg.logsetup import LogWriter
+from sbg.metrics import Metrics, WorkersCollector
+from sbg.policy.killswitch import KillSwitch, Switch
+from sbg.policy.snapshot import Policy
+from sbg.service import set_killswitch_gauge
+
+logger = logging.getLogger(__name__)
+
+WORKER_MODULE = "sbg.worker"
+RESTART_DELAY = 1.0
+# First inherited socket in a worker: 0 is its lifeline, 1 and 2 its output.
+FIRST_SOCKET_FD = 3
+
+
+@dataclass
+class BoundSocket:
+    listener: int  # index in config.listeners
+    address: str
+    sock: socket.socket
+
+
+def bind_sockets(config: Config) -> list[BoundSocket]:
+    """Bind every inbound and outbound listener address (not the admin ones)."""
+    bound: list[BoundSocket] = []
+    try:
+        for index, listener in enumerate(config.listeners):
+            if listener.type == "admin":
+                continue
+            for address in listener.bind_addresses:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                bound.append(BoundSocket(index, address, sock))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((address, listener.port))
+                    sock.listen(socket.SOMAXCONN)
+                except OSError as e:
+                    raise error.CannotListenError(address, listener.port, e)
+    except BaseException:
+        for b in bound:
+            b.sock.close()
+        raise
+    return bound
+
+
+class _Worker(ProcessProtocol):
+    """One worker process: its output relayed, its end reported."""
+
+    def __init__(self, index: int, writer: LogWriter, ended: Callable[[_Worker], None]) -> None:
+        self.index = index
+        self.pid: int | None = None
+        self._writer = writer
+        self._ended = ended
+        self._buffers = {1: "", 2: ""}
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.pid = transport.pid
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        text = self._buffers.get(childFD, "") + data.decode("utf-8", "replace")
+        complete, _, rest = text.rpartition("\n")
+        self._buffers[childFD] = rest
+        if complete:
+            self._emit(childFD, complete + "\n")
+
+    def _emit(self, fd: int, text: str) -> None:
+        if fd == 1:
+            # Rendered by the worker in the configured format already.
+            self._writer.relay(text)
+        else:
+            for line in text.splitlines():
+                self._writer.write(
+                    levelno=logging.ERROR,
+                    logger="sbg.worker",
+                    message=f"worker {self.index}: {line}",
+                )
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self._emit(fd, rest + "\n")
+        self._buffers = {1: "", 2: ""}
+        self._ended(self)
+        self.done.callback(None)
+
+
+class SupervisorService(MultiService):
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        writer: LogWriter,
+        *,
+        log_observer: ILogObserver | None = None,
+        on_reconfigure: Callable[[Config], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self._writer = writer
+        self._log_observer = log_observer
+        self._on_reconfigure = on_reconfigure
+        self.metrics = Metrics()
+        self.killswitch = KillSwitch(config.state_dir)
+        self.killswitch.load()
+        self.killswitch.on_change(self._killswitch_changed)
+        self._killswitch_changed(self.killswitch.engaged)
+        self.policy = Policy.build(config)
+        update_certificate_expiry(config, self.metrics)
+        self._started_with = (config.listeners, config.state_dir, config.workers)
+        self._sockets: list[BoundSocket] = []
+        self._workers: dict[int, _Worker] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._stopping = False
+        self._metrics_dir: str | None = None
+        self._collector: WorkersCollector | None = None
+        self._admin_ports: list[StreamServerEndpointService] = []
+        site = admin_site(
+            self.killswitch,
+            lambda: self.policy,
+            lambda: self.policy.config.admin_token,
+            self.render_metrics,
+        )
+        for listener in config.listeners:
+            if listener.type != "admin":
+                continue
+            for address in listener.bind_addresses:
+                svc = StreamServerEndpointService(_tcp_endpoint(reactor, listener, address), site)
+                svc._raiseSynchronously = True
+                svc.setServiceParent(self)
+                self._admin_ports.append(svc)
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        try:
+            self._sockets = bind_sockets(self.config)
+            super().privilegedStartService()
+        except error.CannotListenError as e:
+            logger.error("sbg: %s", e)
+            raise SystemExit(1)
+
+    def startService(self) -> None:
+        super().startService()
+        self._metrics_dir = tempfile.mkdtemp(prefix="sbg-metrics-")
+        self._collector = WorkersCollector(self.metrics, self._metrics_dir)
+        for index in range(self.config.workers):
+            self._spawn(index)
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+        logger.info(
+            "sbg started: %d worker(s), %d listener(s), %d internal and %d external homeserver(s)",
+            self.config.workers,
+            len(self.config.listeners),
+            len(self.config.internal_homeservers),
+            len(self.config.external_homeservers),
+        )
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        if self._stopping:
+            return
+        assert self._metrics_dir is not None
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        sockets = []
+        for n, b in enumerate(self._sockets):
+            fd = FIRST_SOCKET_FD + n
+            child_fds[fd] = b.sock.fileno()
+            sockets.append([b.listener, b.address, fd])
+        env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        args = [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--config",
+            self.config.path,
+            "--index",
+            str(index),
+            "--sockets",
+            json.dumps(sockets),
+        ]
+        worker = _Worker(index, self._writer, self._worker_ended)
+        self._workers[index] = worker
+        # The worker starts with SIGHUP blocked (the mask survives exec) and
+        # unblocks it once it can handle it: a reload sent while it starts
+        # is held, not fatal (SIGHUP's default action) and not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            transport = self.reactor.spawnProcess(
+                worker, sys.executable, args, env=env, path=os.getcwd(), childFDs=child_fds
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        worker.pid = transport.pid
+        logger.info("worker %d started (pid %s)", index, worker.pid)
+
+    def _worker_ended(self, worker: _Worker) -> None:
+        if self._workers.get(worker.index) is worker:
+            del self._workers[worker.index]
+        if worker.pid is not None and self._metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid, self._metrics_dir)
+        if self._stopping:
+            logger.info("worker %d (pid %s) stopped", worker.index, worker.pid)
+            return
+        logger.error(
+            "worker %d (pid %s) exited; starting it again in %ss",
+            worker.index,
+            worker.pid,
+            RESTART_DELAY,
+        )
+        self._restarts[worker.index] = self.reactor.callLater(
+            RESTART_DELAY, self._spawn, worker.index
+        )
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self._workers.values() if w.pid is not None]
+
+    def _signal_workers(self, signum: int) -> None:
+        for worker in list(self._workers.values()):
+            transport: Any = worker.transport
+            try:
+                transport.signalProcess(signum)
+            except (error.ProcessExitedAlready, OSError):
+                pass
+
+    def _install_signal_handlers(self) -> None:
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.graceful_shutdown)
+
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_term)
+
+    def reload(self) -> bool:
+        """Check the file once here, then have every worker apply it."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigErrors as e:
+            for line in e.lines():
+                logger.error("reload refused: %s", line)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        if (new.listeners, new.state_dir, new.workers) != self._started_with:
+            logger.warning(
+                "listener, state_dir and workers changes need a restart; they were not applied"
+            )
+        try:
+            policy = Policy.build(new)
+        except Exception as e:
+            logger.error("reload refused: %s", e)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        self.policy = policy
+        self.config = new
+        update_certificate_expiry(new, self.metrics)
+        if self._on_reconfigure is not None:
+            self._on_reconfigure(new)
+        self._signal_workers(signal.SIGHUP)
+        self.metrics.config_reloads.labels("success").inc()
+        logger.info("configuration reloaded from %s; passed to the workers", new.path)
+        return True
+
+    def graceful_shutdown(self) -> defer.Deferred[None]:
+        """SIGTERM: the workers stop accepting and drain; then exit 0."""
+        if self._stopping:
+            return defer.succeed(None)
+        logger.info("SIGTERM: stopping %d worker(s)", len(self._workers))
+
+        async def run() -> None:
+            await self._stop_workers()
+            self.reactor.stop()
+
+        return defer.ensureDeferred(run())
+
+    async def _stop_workers(self) -> None:
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        # The workers hold the sockets now; closing ours lets the last
+        # worker to stop close them for good.
+        for b in self._sockets:
+            b.sock.close()
+        waiting = [w.done for w in self._workers.values()]
+        self._signal_workers(signal.SIGTERM)
+        if not waiting:
+            return
+        everyone = defer.DeferredList(waiting)
+        # The workers enforce shutdown_grace themselves; this is the backstop.
+        backstop = self.reactor.callLater(
+            self.config.shutdown_grace + 10.0, self._signal_workers, signal.SIGKILL
+        )
+        await everyone
+        if backstop.active():
+            backstop.cancel()
+
+    def stopService(self) -> defer.Deferred[None]:
+        async def run() -> None:
+            await self._stop_workers()
+            await defer.maybeDeferred(super(SupervisorService, self).stopService)
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+        return defer.ensureDeferred(run())
+
+    # -- admin -------------------------------------------------------------
+
+    def render_metrics(self) -> bytes:
+        if self._collector is None:
+            return self.metrics.render()
+        return self._collector.render()
+
+    def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
+        set_killswitch_gauge(self.metrics, engaged)
+
+
+def _tcp_endpoint(reactor: Any, listener: Listener, address: str) -> Any:
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    if ":" in address:
+        return TCP6ServerEndpoint(reactor, listener.port, interface=address)
+    return TCP4ServerEndpoint(reactor, listener.port, interface=address)

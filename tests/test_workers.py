@@ -1,0 +1,241 @@
+"""`workers: N`: a supervisor and N worker processes sharing the sockets.
+
+Real `twistd -n sbg` processes, as in tests/test_process.py. Each check
+that matters per process (kill switch, reload) is made against every
+worker: the others are stopped (SIGSTOP) so that the kernel can only hand
+the connection to the one under test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tests.asynctest import TestCase
+from tests.configtools import PARTNER_SERVER
+from tests.test_inbound import TXN, txn_body
+from tests.test_process import (
+    Process,
+    Setup,
+    make_setup,
+    run_gateway,
+    sleep,
+    wait_until,
+)
+
+WORKERS = 2
+_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+def worker_pids(proc: Process) -> dict[int, int]:
+    """The live worker pids by index, from the supervisor's log."""
+    pids: dict[int, int] = {}
+    for index, pid in _STARTED.findall(proc.output()):
+        pids[int(index)] = int(pid)
+    return pids
+
+
+def ready(proc: Process) -> int:
+    """How many workers have started serving so far."""
+    return proc.output().count("[sbg.service] INFO: sbg started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@asynccontextmanager
+async def only(pids: dict[int, int], index: int) -> AsyncIterator[None]:
+    """Only worker `index` accepts connections meanwhile (the others stopped)."""
+    stopped = [pid for i, pid in pids.items() if i != index]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def each_worker(proc: Process, check: Callable[[int], Awaitable[None]]) -> None:
+    pids = worker_pids(proc)
+    assert len(pids) == WORKERS, proc.output()
+    for index in sorted(pids):
+        async with only(pids, index):
+            await check(index)
+
+
+def counter(metrics: bytes, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in metrics.decode().splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+class WorkersTests(TestCase):
+    async def start(self, **overrides: Any) -> tuple[Setup, Process]:
+        setup = make_setup(self, {"workers": WORKERS, **overrides})
+        proc = await run_gateway(self, setup)
+        await wait_until(lambda: ready(proc) == WORKERS, 30, "the workers", proc)
+        return setup, proc
+
+    async def send(self, setup: Setup, n: int) -> int:
+        resp = await setup.inbound(setup.signed("PUT", TXN + str(n).encode(), txn_body()))
+        return resp.status
+
+    async def test_every_worker_serves_and_metrics_are_summed(self) -> None:
+        setup, proc = await self.start()
+        served: list[int] = []
+
+        async def check(index: int) -> None:
+            for i in range(3):
+                self.assertEqual(await self.send(setup, index * 10 + i), 200)
+            served.append(index)
+
+        await each_worker(proc, check)
+        self.assertEqual(served, list(range(WORKERS)))
+        self.assertEqual(len(setup.upstream.requests), 3 * WORKERS)
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertEqual(
+            counter(metrics, "sbg_requests_total", direction="inbound", decision="allow"),
+            3 * WORKERS,
+        )
+        # One family each, not one per process.
+        self.assertEqual(metrics.count(b"# TYPE sbg_requests_total counter"), 1)
+        self.assertIn(b"sbg_config_reloads_total", metrics)
+
+    async def test_kill_switch_holds_in_every_worker_at_once(self) -> None:
+        setup, proc = await self.start()
+        resp = await setup.admin(
+            "POST", "/_sbg/kill", {"server": PARTNER_SERVER, "direction": "inbound"}
+        )
+        self.assertEqual(resp.status, 200, resp.body)
+        # No wait: the next request in each worker is refused.
+
+        async def refused(index: int) -> None:
+            resp = await setup.inbound(setup.signed("PUT", TXN + b"k%d" % index, txn_body()))
+            self.assertEqual(resp.status, 403, resp.body)
+            self.assertEqual(resp.json()["errcode"], "M_FORBIDDEN")
+
+        await each_worker(proc, refused)
+        self.assertEqual(setup.upstream.requests, [])
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertEqual(
+            counter(metrics, "sbg_refusals_total", direction="inbound", reason="killswitch"),
+            WORKERS,
+        )
+        self.assertIn(
+            b'sbg_killswitch_engaged{direction="inbound",server="partner.example"} 1.0', metrics
+        )
+
+        await setup.admin("POST", "/_sbg/unkill", {"server": PARTNER_SERVER, "direction": "both"})
+
+        async def allowed(index: int) -> None:
+            self.assertEqual(await self.send(setup, 100 + index), 200)
+
+        await each_worker(proc, allowed)
+        self.assertEqual(len(setup.upstream.requests), WORKERS)
+
+    async def test_reload_reaches_every_worker_and_bad_file_none(self) -> None:
+        setup, proc = await self.start()
+        setup.write({"workers": WORKERS, "external_homeservers[0].enabled": False})
+        proc.signal(signal.SIGHUP)
+        # The supervisor's line and one per worker.
+        await wait_until(
+            lambda: proc.output().count("configuration reloaded from") == WORKERS + 1,
+            15,
+            "the workers' reloads",
+            proc,
+        )
+
+        async def refused(index: int) -> None:
+            self.assertEqual(await self.send(setup, 200 + index), 403)
+
+        await each_worker(proc, refused)
+        self.assertEqual(setup.upstream.requests, [])
+
+        with open(setup.path, "a", encoding="utf-8") as f:
+            f.write("no_such_key: 1\n")
+        proc.signal(signal.SIGHUP)
+        await wait_until(lambda: "reload refused" in proc.output(), 10, "refusal", proc)
+        await sleep(0.5)
+        # Checked once, by the supervisor; the workers were left alone.
+        self.assertEqual(proc.output().count("no_such_key"), 1)
+        self.assertEqual(proc.output().count("configuration reloaded from"), WORKERS + 1)
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertIn(b'sbg_config_reloads_total{result="failure"} 1.0', metrics)
+
+    async def test_dead_worker_restarted_counts_kept(self) -> None:
+        setup, proc = await self.start()
+        pids = worker_pids(proc)
+        async with only(pids, 0):
+            self.assertEqual(await self.send(setup, 1), 200)
+        os.kill(pids[0], signal.SIGKILL)
+        await wait_until(lambda: ready(proc) == WORKERS + 1, 30, "a new worker 0", proc)
+        self.assertIn(f"worker 0 (pid {pids[0]}) exited", proc.output())
+        new = worker_pids(proc)
+        self.assertEqual(new[1], pids[1])
+        async with only(new, 0):
+            self.assertEqual(await self.send(setup, 2), 200)
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        # The dead worker's count is still in the sum: counters never drop.
+        self.assertEqual(
+            counter(metrics, "sbg_requests_total", direction="inbound", decision="allow"), 2
+        )
+
+    async def test_sigterm_drains_every_worker_and_exits_0(self) -> None:
+        setup, proc = await self.start()
+        setup.upstream.delay = 1.0
+        pids = worker_pids(proc)
+        async with only(pids, 1):
+            pending = setup.inbound(setup.signed("PUT", TXN, txn_body()))
+            await wait_until(lambda: bool(setup.upstream.requests), 10, "the upstream request")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        resp = await pending
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(await proc.wait(), 0, proc.output() + proc.errors())
+        self.assertGreater(time.monotonic() - sent, 0.5)
+        for pid in pids.values():
+            self.assertFalse(alive(pid), pid)
+        self.assertNotIn("Traceback", proc.output() + proc.errors())
+
+    async def test_supervisor_killed_workers_exit(self) -> None:
+        _setup, proc = await self.start()
+        pids = worker_pids(proc)
+        proc.signal(signal.SIGKILL)
+        await proc.wait()
+        await wait_until(
+            lambda: not any(alive(p) for p in pids.values()), 15, "the orphaned workers to exit"
+        )
+
+    async def test_sighup_while_workers_start(self) -> None:
+        # The workers take a second to import: a SIGHUP in that window must
+        # neither kill them (SIGHUP's default action) nor be lost.
+        setup = make_setup(self, {"workers": WORKERS})
+        proc = await run_gateway(self, setup)
+        self.assertLess(ready(proc), WORKERS, "workers ready too early for this test")
+        setup.write({"workers": WORKERS, "external_homeservers[0].enabled": False})
+        proc.signal(signal.SIGHUP)
+        await wait_until(lambda: ready(proc) == WORKERS, 30, "the workers", proc)
+        self.assertNotIn("exited", proc.output())
+
+        async def refused(index: int) -> None:
+            self.assertEqual(await self.send(setup, 300 + index), 403)
+
+        await each_worker(proc, refused)
+        self.assertEqual(setup.upstream.requests, [])
