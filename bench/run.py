@@ -292,7 +292,7 @@ def setup(args: argparse.Namespace, workdir: str) -> Env:
                 "external_homeservers[0].addresses": {PARTNER_TARGET: f"127.0.0.1:{p['up-tls']}"},
                 "outbound.proxy_auth": DELETE,
                 "log_level": args.sbg_log_level,
-                "workers": 1,
+                "workers": args.sbg_workers,
             },
             material=material,
         )
@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         default="warning",
         help="sbg's log_level (info writes one audit line per request)",
     )
+    p.add_argument(
+        "--sbg-workers", type=int, default=1, help="sbg's workers (processes); default 1"
+    )
     p.add_argument("--json", metavar="FILE", help="write every raw result to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args(argv)
@@ -651,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         raw["results"] = results
         header = (
             f"sbg benchmarks, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}; "
-            f"{reps} repetition(s) of {duration:g} s per target, interleaved; sbg log_level {args.sbg_log_level}"
+            f"{reps} repetition(s) of {duration:g} s per target, interleaved; sbg log_level {args.sbg_log_level}, workers {args.sbg_workers}"
         )
         out.append(header)
         for w in selected:
