@@ -10,6 +10,8 @@ import hashlib
 import json
 from typing import Any
 
+from canonicaljson import encode_canonical_json
+
 from sbg.matrix.xmatrix import sign_request
 
 TXN_PATH = "/_matrix/federation/v1/send/"
@@ -79,7 +81,8 @@ def send_requests(
     for seq in range(count):
         content = transaction(origin, destination, body_size, pdus, seq)
         target = f"{TXN_PATH}bench{tag}{seq:06d}"
-        body = json.dumps(content, separators=(",", ":")).encode()
+        # As Synapse sends it: canonical JSON (sorted keys, no spaces, UTF-8).
+        body = encode_canonical_json(content)
         auth = sign_request(key, "PUT", target, origin, destination, content)
         out.append(http_request("PUT", target, host, auth, body))
     return out
