@@ -22,10 +22,13 @@ class HostParseError(ValueError):
 def _normalise_host(host: str) -> str:
     if not host:
         raise HostParseError("empty host")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
+    # Only what could be an address is tried as one (a failed parse raises,
+    # which costs more than the rest of this function).
+    if host[0].isdigit() or ":" in host:
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
     h = host.lower()
     if len(h) > 255 or not _DNS_NAME.match(h):
         raise HostParseError(f"not a host name: {host!r}")
@@ -90,6 +93,7 @@ def parse_connect_target(value: str) -> tuple[str, int]:
     return host, port
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_sni(value: bytes | None) -> str | None:
     if not value:
         return None
