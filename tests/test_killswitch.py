@@ -107,7 +107,13 @@ class WatchTests(SynchronousTestCase):
         # No signal, no timer: the very next check.
         self.assertTrue(self.worker.is_killed("a.example", "inbound"))
         self.assertFalse(self.worker.is_killed("a.example", "outbound"))
+        # The callbacks (closing tunnels) wait for the periodic refresh, so
+        # the request being checked gets its refusal first.
+        self.assertEqual(self.seen, [])
+        self.worker.refresh()
         self.assertEqual(self.seen, [frozenset({("a.example", "inbound")})])
+        self.worker.refresh()
+        self.assertEqual(len(self.seen), 1)
         self.admin.engage(None, "outbound")
         self.assertTrue(self.worker.is_killed("b.example", "outbound"))
         self.admin.lift("a.example", "inbound")
@@ -123,12 +129,24 @@ class WatchTests(SynchronousTestCase):
             self.admin.lift(None, "inbound")
             self.assertFalse(self.worker.is_killed(None, "inbound"), i)
 
-    def test_unchanged_file_not_read_again(self) -> None:
+    def test_refresh_alone_sees_and_tells(self) -> None:
         self.admin.engage(None, "inbound")
+        self.worker.refresh()
+        self.assertEqual(self.seen, [frozenset({(None, "inbound")})])
         self.assertTrue(self.worker.is_killed(None, "inbound"))
-        self.worker.is_killed(None, "inbound")
-        self.worker.is_killed(None, "outbound")
-        self.assertEqual(len(self.seen), 1)
+
+    def test_change_seen_by_a_check_is_still_told(self) -> None:
+        self.admin.engage("a.example", "outbound")
+        self.assertTrue(self.worker.is_killed("a.example", "outbound"))
+        self.admin.lift("a.example", "outbound")
+        self.assertFalse(self.worker.is_killed("a.example", "outbound"))
+        # Engaged and lifted between two refreshes: nothing to tell.
+        self.worker.refresh()
+        self.assertEqual(self.seen, [])
+        self.admin.engage("a.example", "outbound")
+        self.assertTrue(self.worker.is_killed("a.example", "outbound"))
+        self.worker.refresh()
+        self.assertEqual(self.seen, [frozenset({("a.example", "outbound")})])
 
     def test_damaged_file_keeps_last_state(self) -> None:
         self.admin.engage(None, "both")

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from twisted.internet import defer
+
 from tests.asynctest import TestCase
 from tests.configtools import PARTNER_SERVER
 from tests.test_inbound import TXN, txn_body
@@ -25,6 +27,7 @@ from tests.test_process import (
     make_setup,
     run_gateway,
     sleep,
+    stop,
     wait_until,
 )
 
@@ -90,8 +93,15 @@ class WorkersTests(TestCase):
     async def start(self, **overrides: Any) -> tuple[Setup, Process]:
         setup = make_setup(self, {"workers": WORKERS, **overrides})
         proc = await run_gateway(self, setup)
+        self.addCleanup(lambda: defer.ensureDeferred(self.stopped(proc)))
         await wait_until(lambda: ready(proc) == WORKERS, 30, "the workers", proc)
         return setup, proc
+
+    async def stopped(self, proc: Process) -> None:
+        """Cleanup: the workers' kept-alive upstream connections close in
+        this process's reactor too before the test ends."""
+        stop(proc.popen)
+        await sleep(0.3)
 
     async def send(self, setup: Setup, n: int) -> int:
         resp = await setup.inbound(setup.signed("PUT", TXN + str(n).encode(), txn_body()))
@@ -228,6 +238,7 @@ class WorkersTests(TestCase):
         # neither kill them (SIGHUP's default action) nor be lost.
         setup = make_setup(self, {"workers": WORKERS})
         proc = await run_gateway(self, setup)
+        self.addCleanup(lambda: defer.ensureDeferred(self.stopped(proc)))
         self.assertLess(ready(proc), WORKERS, "workers ready too early for this test")
         setup.write({"workers": WORKERS, "external_homeservers[0].enabled": False})
         proc.signal(signal.SIGHUP)

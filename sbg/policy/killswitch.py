@@ -47,6 +47,7 @@ class KillSwitch:
         self._listeners: list[Callable[[frozenset[Switch]], None]] = []
         self._watching = False
         self._stamp: Stamp = None
+        self._notified: frozenset[Switch] = frozenset()
 
     @property
     def path(self) -> str:
@@ -55,16 +56,16 @@ class KillSwitch:
     def load(self) -> None:
         """Restore the persisted state (creating `state_dir` 0700 if missing)."""
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        self._stamp, self._engaged = self._read()
+        self._notify()
+
+    def _read(self) -> tuple[Stamp, frozenset[Switch]]:
         try:
             with open(self.path, encoding="utf-8") as f:
                 stamp = _stamp(os.fstat(f.fileno()))
                 data = json.load(f)
         except FileNotFoundError:
-            self._stamp = None
-            if self._engaged:
-                self._engaged = frozenset()
-                self._notify()
-            return
+            return None, frozenset()
         except (OSError, ValueError) as e:
             raise KillSwitchStateError(f"{self.path}: cannot read kill-switch state: {e}")
         try:
@@ -77,20 +78,22 @@ class KillSwitch:
                     switches.add((server, d))
         except (KeyError, TypeError, ValueError) as e:
             raise KillSwitchStateError(f"{self.path}: malformed kill-switch state: {e}")
-        self._stamp = stamp
-        self._engaged = frozenset(switches)
-        self._notify()
+        return stamp, frozenset(switches)
 
     def watch(self) -> None:
         """Follow a state file that another process writes (a worker of
         `workers: N` follows its supervisor's admin API): from now on every
         check first looks, with one `stat`, whether the file was replaced,
         and reads it again if so. A change is therefore in force for the
-        next request after the admin call returned, in every process."""
+        next request after the admin call returned, in every process.
+
+        The `on_change` callbacks (closing the tunnels a switch covers) run
+        from `refresh`, which the worker calls every second, not from a
+        check: the request being checked gets its 403 first, like every
+        later request in a tunnel that is still open."""
         self._watching = True
 
-    def refresh(self) -> None:
-        """Read the state file again if it was replaced since last read."""
+    def _follow(self) -> None:
         try:
             stamp: Stamp = _stamp(os.stat(self.path))
         except FileNotFoundError:
@@ -101,11 +104,18 @@ class KillSwitch:
         if stamp == self._stamp:
             return
         try:
-            self.load()
+            self._stamp, self._engaged = self._read()
         except KillSwitchStateError as e:
             # Written whole (write-then-rename) by the supervisor: this is
             # someone else's damage. The last state read stays in force.
             logger.error("kill switch: %s; keeping the last state", e)
+
+    def refresh(self) -> None:
+        """Read the state file again if it was replaced since last read, and
+        tell the `on_change` callbacks about any change not told yet."""
+        self._follow()
+        if self._engaged != self._notified:
+            self._notify()
 
     def on_change(self, callback: Callable[[frozenset[Switch]], None]) -> None:
         self._listeners.append(callback)
@@ -117,7 +127,7 @@ class KillSwitch:
     def is_killed(self, server: str | None, direction: Direction) -> bool:
         """Whether the global switch or `server`'s switch covers `direction`."""
         if self._watching:
-            self.refresh()
+            self._follow()
         e = self._engaged
         if (None, direction) in e:
             return True
@@ -157,6 +167,7 @@ class KillSwitch:
             os.close(dfd)
 
     def _notify(self) -> None:
+        self._notified = self._engaged
         for cb in self._listeners:
             cb(self._engaged)
 

@@ -336,8 +336,13 @@ class UntrustedServerTests(BorderTestCase):
 class KillSwitchAndRestartTests(BorderTestCase):
     """Scenarios 7 (kill switch via the CLI), 8 (restart during a burst) and 9."""
 
+    # The sbg configuration's extra keys (the subclass below runs workers).
+    sbg_extra: dict[str, Any] = {}
+
     def test_kill_switch_and_restart(self) -> None:
-        cluster = start_cluster(self, behind_sbg=True, homeservers=(HS_INT, HS_EXT))
+        cluster = start_cluster(
+            self, behind_sbg=True, homeservers=(HS_INT, HS_EXT), sbg_extra=self.sbg_extra
+        )
         assert cluster.sbg is not None
         sbg, audit = cluster.sbg, cluster.sbg.audit
         hs_int, hs_ext = cluster[HS_INT.key], cluster[HS_EXT.key]
@@ -456,3 +461,11 @@ class KillSwitchAndRestartTests(BorderTestCase):
 
         with scenario(cluster, "9 (every trusted request allowed by the endpoint table)"):
             self.check_trusted_traffic(sbg, ext, excused)
+
+
+class KillSwitchAndRestartWorkersTests(KillSwitchAndRestartTests):
+    """The same scenarios with `workers: 2`: the kill switch goes through the
+    supervisor's admin listener and must hold in both workers, the restart
+    drains both, and the audit records come through the supervisor's log."""
+
+    sbg_extra = {"workers": 2}
