@@ -9,8 +9,8 @@ sockets; the supervisor keeps what must be one for all of them:
 - the admin listener: the kill switch is written to `state_dir` before the
   admin call returns, and every worker checks the file (one `stat`) before
   each decision, so a switch holds for the next request in every process;
-- `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR` (a private
-  directory made at start) and the supervisor sums them;
+- `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR`
+  (`state_dir/metrics`, emptied at start) and the supervisor sums them;
 - signals: SIGHUP is checked here first (an invalid file is refused once,
   with `sbg check-config`'s lines) and then passed to every worker; SIGTERM
   is passed on, and the supervisor exits 0 once every worker has drained;
@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 WORKER_MODULE = "sbg.worker"
 RESTART_DELAY = 1.0
+# Under state_dir: the workers' metric files (PROMETHEUS_MULTIPROC_DIR).
+METRICS_DIR = "metrics"
 # First inherited socket in a worker: 0 is its lifeline, 1 and 2 its output.
 FIRST_SOCKET_FD = 3
 
@@ -198,7 +199,11 @@ class SupervisorService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self._metrics_dir = tempfile.mkdtemp(prefix="sbg-metrics-")
+        # One sbg per state_dir (the kill switch lives there): whatever an
+        # earlier run left (after SIGKILL) is this instance's to wipe.
+        self._metrics_dir = os.path.join(self.config.state_dir, METRICS_DIR)
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        os.makedirs(self._metrics_dir, mode=0o700)
         self._collector = WorkersCollector(self.metrics, self._metrics_dir)
         for index in range(self.config.workers):
             self._spawn(index)

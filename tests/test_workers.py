@@ -108,7 +108,13 @@ class WorkersTests(TestCase):
         return resp.status
 
     async def test_every_worker_serves_and_metrics_are_summed(self) -> None:
-        setup, proc = await self.start()
+        # What a SIGKILLed earlier run left in state_dir/metrics is wiped.
+        stale = os.path.abspath(os.path.join(self.mktemp(), "state", "metrics"))
+        os.makedirs(stale)
+        with open(os.path.join(stale, "counter_1.db"), "wb") as f:
+            f.write(b"not a metrics file")
+        setup, proc = await self.start(state_dir=os.path.dirname(stale))
+        self.assertFalse(os.path.exists(os.path.join(stale, "counter_1.db")))
         served: list[int] = []
 
         async def check(index: int) -> None:
@@ -223,6 +229,8 @@ class WorkersTests(TestCase):
         for pid in pids.values():
             self.assertFalse(alive(pid), pid)
         self.assertNotIn("Traceback", proc.output() + proc.errors())
+        # The workers' metric files are gone with them.
+        self.assertFalse(os.path.exists(os.path.join(setup.material.directory, "state", "metrics")))
 
     async def test_supervisor_killed_workers_exit(self) -> None:
         _setup, proc = await self.start()
