@@ -1,10 +1,11 @@
 """The benchmark runner: `python -m bench.run [--quick]` (or `make bench`).
 
 Starts on 127.0.0.1 a fast upstream (nginx), the targets (direct, nginx
-`proxy_pass`, mitmproxy, sbg) and the load generators (wrk with
-`replay.lua`; `loadclient.py` for CONNECT tunnels), runs every workload on
-every target interleaved for several repetitions, prints one table per
-workload and stops every process it started by PID.
+`proxy_pass`, mitmproxy, sbg and, with `--base REV`, the sbg of another git
+revision) and the load generators (wrk with `replay.lua`; `loadclient.py` for
+CONNECT tunnels), runs every workload on every target interleaved for several
+repetitions, prints one table per workload and stops every process it started
+by PID.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 from signedjson.key import generate_signing_key
 
-from bench import payloads, procs, profile, tools
+from bench import baseline, payloads, procs, profile, tools
+from bench.externals import extra_externals
 from bench.nginxconf import nginx_argv, render
 from tests.configtools import (
     DELETE,
@@ -35,6 +37,7 @@ from tests.configtools import (
     PARTNER_HOST,
     PARTNER_SERVER,
     Material,
+    config_dict,
     make_material,
     write_config,
 )
@@ -45,6 +48,16 @@ DASH = "\N{EN DASH}"
 PARTNER_TARGET = f"{PARTNER_HOST}:8448"
 
 TARGETS = ("direct", "nginx", "mitmproxy", "sbg")
+BASE = "sbg-base"  # the sbg of the --base revision
+SBG_TARGETS = ("sbg", BASE)
+# The port each target serves inbound (wrk) requests on.
+INBOUND_PORT = {
+    "direct": "up-tls",
+    "nginx": "nginx-proxy",
+    "mitmproxy": "mitm-reverse",
+    "sbg": "sbg-in",
+    BASE: f"{BASE}-in",
+}
 
 
 @dataclass
@@ -68,13 +81,19 @@ class Env:
     ports: dict[str, int]
     servers: dict[str, procs.Server] = field(default_factory=dict)
     mitm_ca: str = ""
+    base_label: str = ""  # "sbg@<short id>" with --base
+
+    def label(self, target: str) -> str:
+        return self.base_label if target == BASE else target
 
     def proxy(self, target: str) -> procs.Server | None:
-        name = {"nginx": "nginx-proxy", "mitmproxy": "mitm-reverse", "sbg": "sbg"}.get(target)
+        name = {"nginx": "nginx-proxy", "mitmproxy": "mitm-reverse", "sbg": "sbg", BASE: BASE}.get(
+            target
+        )
         return self.servers.get(name) if name else None
 
     def tunnel_proxy(self, target: str) -> procs.Server | None:
-        name = {"mitmproxy": "mitm-regular", "sbg": "sbg"}.get(target)
+        name = {"mitmproxy": "mitm-regular", "sbg": "sbg", BASE: BASE}.get(target)
         return self.servers.get(name) if name else None
 
     def stop_all(self) -> None:
@@ -142,43 +161,110 @@ def _start(server: procs.Server, port: int, timeout: float = 30.0) -> None:
         raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
 
 
-def _start_sbg(env: Env, config: str, attempts: int) -> None:
-    twistd = os.path.join(ROOT, ".venv", "bin", "twistd")
+def _start_sbg(env: Env, target: str, config: str, source: str, attempts: int) -> None:
+    """Start TARGET (sbg or sbg-base) with the code of the tree SOURCE.
+
+    The process is checked to run SOURCE's `sbg` and twistd plugin (else
+    BaseError). The current sbg may be mid-change: if it does not start, its
+    rows are left out. The base revision's code is fixed: if it does not
+    start (e.g. it rejects the configuration), BaseError.
+    """
+    python = os.path.join(ROOT, ".venv", "bin", "python")
+    log = os.path.join(env.workdir, f"{target}.log")
     server = procs.Server(
-        "sbg",
-        [twistd, "-n", "--pidfile=", "sbg", "-c", config],
-        os.path.join(env.workdir, "sbg.log"),
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        target,
+        baseline.launcher_argv(python, source, ["-n", "--pidfile=", "sbg", "-c", config]),
+        log,
+        env=dict(os.environ, PYTHONPATH=source),
         cwd=env.workdir,
     )
+    label = env.label(target)
     for attempt in range(attempts):
         try:
-            _start(server, env.ports["sbg-in"])
-            procs.wait_port(env.ports["sbg-out"], 10, server.proc)
-            env.servers["sbg"] = server
-            return
+            _start(server, env.ports[f"{target}-in"])
+            procs.wait_port(env.ports[f"{target}-out"], 10, server.proc)
         except RuntimeError as e:
-            print(f"bench: sbg failed to start (attempt {attempt + 1}): {e}", file=sys.stderr)
+            tail = server.log_tail(60)
+            if baseline.REFUSAL in tail:
+                raise baseline.BaseError(f"{label}: {e}")
+            if target == BASE and "invalid configuration" in tail:
+                raise baseline.BaseError(
+                    f"{label} rejects the benchmark configuration ({config}):\n{tail}"
+                )
+            print(f"bench: {label} failed to start (attempt {attempt + 1}): {e}", file=sys.stderr)
             if attempt + 1 < attempts:
                 time.sleep(15)
-    print("bench: sbg unavailable; its rows are left out", file=sys.stderr)
+            continue
+        try:
+            with open(log, errors="replace") as f:
+                origin = baseline.code_origin(f.read(), source)
+        except baseline.BaseError:
+            server.stop()
+            raise
+        print(f"bench: {label} runs {origin}", file=sys.stderr)
+        env.servers[target] = server
+        return
+    if target == BASE:
+        raise baseline.BaseError(f"{label} did not start; see above")
+    print(f"bench: {label} unavailable; its rows are left out", file=sys.stderr)
+
+
+def _sbg_configs(
+    args: argparse.Namespace, env: Env, extras: list[dict[str, Any]]
+) -> dict[str, str]:
+    """One configuration file per sbg target: the same settings, own ports and state."""
+    p = env.ports
+    configs = {}
+    for target in SBG_TARGETS:
+        if target not in args.targets:
+            continue
+        directory = os.path.join(env.workdir, f"conf-{target}")
+        overrides: dict[str, Any] = {
+            "listeners[0].port": p[f"{target}-in"],
+            "listeners[1].port": p[f"{target}-out"],
+            "listeners[2].port": p[f"{target}-admin"],
+            "state_dir": os.path.join(directory, "state"),
+            "internal_homeservers[0].upstream": f"http://127.0.0.1:{p['up-http']}",
+            "external_homeservers[0].addresses": {PARTNER_TARGET: f"127.0.0.1:{p['up-tls']}"},
+            "outbound.proxy_auth": DELETE,
+            "log_level": args.sbg_log_level,
+            "workers": args.sbg_workers,
+        }
+        for n, extra in enumerate(extras, 1):
+            overrides[f"external_homeservers[{n}]"] = extra
+        configs[target] = write_config(directory, overrides, material=env.material)
+    return configs
+
+
+def _free_ports(names: list[str]) -> dict[str, int]:
+    """A distinct free port on 127.0.0.1 for each of NAMES."""
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = procs.free_port()
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    return ports
 
 
 def setup(args: argparse.Namespace, workdir: str) -> Env:
     nginx, wrk = tools.ensure_debian_tools()
     bench_bin = tools.ensure_bench_venv()
     material = make_material(os.path.join(workdir, "material"))
-    names = [
-        "up-http",
-        "up-tls",
-        "nginx-proxy",
-        "mitm-reverse",
-        "mitm-regular",
-        "sbg-in",
-        "sbg-out",
-        "sbg-admin",
-    ]
-    env = Env(workdir, material, wrk, {n: procs.free_port() for n in names})
+    names = ["up-http", "up-tls", "nginx-proxy", "mitm-reverse", "mitm-regular"]
+    names += [f"{t}-{kind}" for t in SBG_TARGETS for kind in ("in", "out", "admin")]
+    env = Env(workdir, material, wrk, _free_ports(names))
+    if args.base:
+        env.base_label = f"sbg@{args.base_short}"
+    try:
+        _start_servers(args, env, nginx, bench_bin)
+    except BaseException:
+        env.stop_all()  # what started before the failure
+        raise
+    return env
+
+
+def _start_servers(args: argparse.Namespace, env: Env, nginx: str, bench_bin: str) -> None:
+    workdir, material = env.workdir, env.material
     p = env.ports
     media = os.path.join(workdir, "media")
     _write_media(media, big=args.big)
@@ -281,23 +367,16 @@ def setup(args: argparse.Namespace, workdir: str) -> Env:
         _start(server, p[port])
         env.servers[server.name] = server
 
-    if "sbg" in args.targets:
-        config = write_config(
-            os.path.join(workdir, "sbg"),
-            {
-                "listeners[0].port": p["sbg-in"],
-                "listeners[1].port": p["sbg-out"],
-                "listeners[2].port": p["sbg-admin"],
-                "internal_homeservers[0].upstream": f"http://127.0.0.1:{p['up-http']}",
-                "external_homeservers[0].addresses": {PARTNER_TARGET: f"127.0.0.1:{p['up-tls']}"},
-                "outbound.proxy_auth": DELETE,
-                "log_level": args.sbg_log_level,
-                "workers": args.sbg_workers,
-            },
-            material=material,
-        )
-        _start_sbg(env, config, attempts=4)
-    return env
+    partner = config_dict(material)["external_homeservers"][0]
+    extras = extra_externals(
+        args.externals - 1, material.partner_ca.certificate, partner["trust_level"]
+    )
+    configs = _sbg_configs(args, env, extras)
+    if BASE in configs:
+        source = baseline.extract(ROOT, args.base_commit, os.path.join(workdir, "base-src"))
+        _start_sbg(env, BASE, configs[BASE], source, attempts=2)
+    if "sbg" in configs:
+        _start_sbg(env, "sbg", configs["sbg"], ROOT, attempts=4)
 
 
 # -- one run ---------------------------------------------------------------
@@ -323,12 +402,7 @@ def _measured(server: procs.Server | None, run: Callable[[], dict[str, Any]]) ->
 
 
 def _wrk(env: Env, workload: Workload, target: str, duration: float) -> dict[str, Any]:
-    port = {
-        "direct": "up-tls",
-        "nginx": "nginx-proxy",
-        "mitmproxy": "mitm-reverse",
-        "sbg": "sbg-in",
-    }[target]
+    port = INBOUND_PORT[target]
     argv = [
         env.wrk, "-t1", f"-c{workload.connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
         "-s", os.path.join(tools.HERE, "replay.lua"),
@@ -361,7 +435,7 @@ def _client_argv(env: Env, target: str, requests: str) -> list[str]:
     return [
         *argv,
         "--proxy",
-        str(env.ports["sbg-out"]),
+        str(env.ports[f"{target}-out"]),
         "--connect",
         PARTNER_TARGET,
         "--ca",
@@ -443,7 +517,35 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def table(workload: Workload, results: dict[str, list[dict[str, Any]]]) -> str:
+def vs_base(
+    base_label: str,
+    current: dict[str, Any] | None,
+    base: dict[str, Any] | None,
+    fields: list[tuple[str, str]],
+) -> str:
+    """A line giving the current sbg's FIELDS (title, key) as ratios to the base's.
+
+    Empty without a base label; a dash where either figure is missing.
+    """
+    if not base_label:
+        return ""
+    parts = []
+    for title, key in fields:
+        a = current.get(key) if current else None
+        b = base.get(key) if base else None
+        ratio = f"{a / b:.3f}" if a is not None and b and a == a and b == b else DASH
+        parts.append(f"{title} {ratio}")
+    return f"sbg / {base_label}: " + ", ".join(parts)
+
+
+def _with_line(lines: list[str], line: str) -> str:
+    # A blank line first: a text line right under a Markdown table is a row.
+    return "\n".join([*lines, "", line] if line else lines)
+
+
+def table(
+    workload: Workload, results: dict[str, list[dict[str, Any]]], base_label: str = ""
+) -> str:
     sums = {t: _summary(runs, workload.unit) for t, runs in results.items() if runs}
     direct = sums.get("direct", {}).get("rate")
     nginx = sums.get("nginx", {}).get("rate")
@@ -456,9 +558,10 @@ def table(workload: Workload, results: dict[str, list[dict[str, Any]]]) -> str:
     ]
     base_p50 = sums.get("direct", {}).get("p50_ms")
     for target in workload.targets:
+        name = base_label if target == BASE else target
         s = sums.get(target)
         if s is None:
-            lines.append(f"| {target} | not run | | | | | | | | |")
+            lines.append(f"| {name} | not run | | | | | | | | |")
             continue
         digits = 0 if s["rate"] >= 100 else 1
         rate = f"{_fmt(s['rate'], digits)} [{_fmt(s['min'], digits)}{DASH}{_fmt(s['max'], digits)}]"
@@ -466,10 +569,12 @@ def table(workload: Workload, results: dict[str, list[dict[str, Any]]]) -> str:
         x_nginx = f"{s['rate'] / nginx:.3f}" if nginx and target != "nginx" else DASH
         added = s["p50_ms"] - base_p50 if base_p50 is not None and target != "direct" else None
         lines.append(
-            f"| {target} | {rate} | {x_direct} | {x_nginx} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+            f"| {name} | {rate} | {x_direct} | {x_nginx} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
             f"{_fmt(added, 2)} | {_fmt(s['cpu_us'])} | {_fmt(s['rss_mb'], 1)} | {s['errors']} |"
         )
-    return "\n".join(lines)
+    per = "MB" if workload.unit == "MB/s" else "req"
+    fields = [(workload.unit, "rate"), (f"CPU µs/{per}", "cpu_us"), ("p50", "p50_ms")]
+    return _with_line(lines, vs_base(base_label, sums.get("sbg"), sums.get(BASE), fields))
 
 
 # -- extra measurements ------------------------------------------------------
@@ -482,18 +587,20 @@ def handshakes(env: Env, targets: list[str], count: int, requests: str) -> str:
         "| target | TLS handshake p50 ms | p99 ms | CONNECT+TLS p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|",
     ]
+    done: dict[str, dict[str, Any]] = {}
     for target in targets:
         if not available(env, target):
             continue
         argv = [*_client_argv(env, target, requests), "handshake", "--count", "5"]
         _client(argv, 120)  # warm: mint and cache the certificate
         argv[-1] = str(count)
-        r = _client(argv, 300)
+        r = done[target] = _client(argv, 300)
         lines.append(
-            f"| {target} | {r['tls_p50_us'] / 1000:.2f} | {r['tls_p99_us'] / 1000:.2f} | "
+            f"| {env.label(target)} | {r['tls_p50_us'] / 1000:.2f} | {r['tls_p99_us'] / 1000:.2f} | "
             f"{r['setup_p50_us'] / 1000:.2f} | {r['setup_p99_us'] / 1000:.2f} | {r['errors']} |"
         )
-    return "\n".join(lines)
+    fields = [("TLS handshake p50", "tls_p50_us"), ("CONNECT+TLS p50", "setup_p50_us")]
+    return _with_line(lines, vs_base(env.base_label, done.get("sbg"), done.get(BASE), fields))
 
 
 def big_download(env: Env, targets: list[str], requests: str) -> str:
@@ -503,12 +610,7 @@ def big_download(env: Env, targets: list[str], requests: str) -> str:
         "| target | MB/s | RSS before MB | peak RSS during MB | status |",
         "|---|---|---|---|---|",
     ]
-    port = {
-        "direct": "up-tls",
-        "nginx": "nginx-proxy",
-        "mitmproxy": "mitm-reverse",
-        "sbg": "sbg-in",
-    }
+    done: dict[str, dict[str, Any]] = {}
     for target in targets:
         if not available(env, target):
             continue
@@ -518,7 +620,7 @@ def big_download(env: Env, targets: list[str], requests: str) -> str:
         before = procs.rss_kb(pids) / 1024
         argv = [
             sys.executable, "-m", "bench.loadclient", "download", "--requests", requests,
-            "--port", str(env.ports[port[target]]), "--sni", INTERNAL_HOST,
+            "--port", str(env.ports[INBOUND_PORT[target]]), "--sni", INTERNAL_HOST,
             "--ca", env.material.internal_ca.certificate if target != "direct" else env.material.partner_ca.certificate,
             "--duration", "120",
         ]  # fmt: skip
@@ -527,26 +629,53 @@ def big_download(env: Env, targets: list[str], requests: str) -> str:
         r = _client(argv, 300)
         peak = procs.peak_rss_kb(server.pids()) / 1024 if server else None
         rate = r["bytes"] / (r["duration_us"] / 1e6) / 1e6
+        done[target] = {"rate": rate, "peak": peak}
         lines.append(
-            f"| {target} | {rate:,.0f} | {_fmt(before if server else None, 1)} | {_fmt(peak, 1)} | {r['status']} |"
+            f"| {env.label(target)} | {rate:,.0f} | {_fmt(before if server else None, 1)} | {_fmt(peak, 1)} | {r['status']} |"
         )
-    return "\n".join(lines)
+    fields = [("MB/s", "rate"), ("peak RSS", "peak")]
+    return _with_line(lines, vs_base(env.base_label, done.get("sbg"), done.get(BASE), fields))
 
 
 # -- main --------------------------------------------------------------------
 
 
-def workloads(files: dict[str, str], quick: bool) -> list[Workload]:
+def workloads(files: dict[str, str], quick: bool, base: bool = False) -> list[Workload]:
+    """The workloads; with BASE, sbg-base is a target wherever sbg is."""
+    extra = (BASE,) if base else ()
     return [
-        Workload("W1", "inbound `PUT /send` 2 KB, 32 connections", "wrk", 32, files["w1"]),
         Workload(
-            "W1-c1", "inbound `PUT /send` 2 KB, 1 connection (latency)", "wrk", 1, files["w1"]
+            "W1",
+            "inbound `PUT /send` 2 KB, 32 connections",
+            "wrk",
+            32,
+            files["w1"],
+            targets=TARGETS + extra,
         ),
         Workload(
-            "W1b", "inbound `PUT /send` 64 KB (50 PDUs), 32 connections", "wrk", 32, files["w1b"]
+            "W1-c1",
+            "inbound `PUT /send` 2 KB, 1 connection (latency)",
+            "wrk",
+            1,
+            files["w1"],
+            targets=TARGETS + extra,
         ),
         Workload(
-            "W2", "inbound 20 MiB media download, 1 connection", "wrk", 1, files["w2"], unit="MB/s"
+            "W1b",
+            "inbound `PUT /send` 64 KB (50 PDUs), 32 connections",
+            "wrk",
+            32,
+            files["w1b"],
+            targets=TARGETS + extra,
+        ),
+        Workload(
+            "W2",
+            "inbound 20 MiB media download, 1 connection",
+            "wrk",
+            1,
+            files["w2"],
+            unit="MB/s",
+            targets=TARGETS + extra,
         ),
         Workload(
             "W3",
@@ -554,7 +683,7 @@ def workloads(files: dict[str, str], quick: bool) -> list[Workload]:
             "tunnel",
             32,
             files["w3"],
-            targets=("direct", "mitmproxy", "sbg"),
+            targets=("direct", "mitmproxy", "sbg", *extra),
         ),
     ]
 
@@ -569,6 +698,27 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def _profile(
+    args: argparse.Namespace, env: Env, selected: list[Workload], files: dict[str, str]
+) -> list[str]:
+    """Profile the current sbg (never sbg-base) under the first selected workload."""
+    sbg = env.servers.get("sbg")
+    if sbg is None or not sbg.alive():
+        print("bench: sbg is not running, no profile", file=sys.stderr)
+        return []
+    # The first selected workload (W1 unless --workloads says).
+    w1 = selected[0] if selected else workloads(files, args.quick)[0]
+    return [
+        profile.profile_sbg(
+            sbg.pid,
+            os.path.join(tools.BENCH_VENV, "bin", "py-spy"),
+            args.profile,
+            args.profile_seconds,
+            lambda: run_once(env, w1, "sbg", args.profile_seconds),
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--quick", action="store_true", help="1 repetition of 3 s per run (~2 minutes)")
@@ -576,8 +726,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, help="seconds per run (default 8; quick 3)")
     p.add_argument(
         "--targets",
-        default=",".join(TARGETS),
-        help="comma-separated subset of " + ",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)},{BASE} (default: all; {BASE} only with --base)",
+    )
+    p.add_argument(
+        "--base",
+        metavar="REV",
+        help=f"also run the sbg of git revision REV of this repository (target {BASE}, shown as sbg@ID)",
+    )
+    p.add_argument(
+        "--externals",
+        type=int,
+        default=1,
+        metavar="N",
+        help="external homeservers in sbg's configuration: the partner and N-1 extra ones (default 1)",
     )
     p.add_argument(
         "--workloads", default="", help="comma-separated subset, e.g. W1,W3 (default: all)"
@@ -608,9 +769,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every raw result to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args(argv)
-    args.targets = [t for t in args.targets.split(",") if t]
-    if unknown := set(args.targets) - set(TARGETS):
+    default_targets = TARGETS + ((BASE,) if args.base else ())
+    args.targets = [t for t in (args.targets or ",".join(default_targets)).split(",") if t]
+    if unknown := set(args.targets) - {*TARGETS, BASE}:
         p.error(f"unknown targets {sorted(unknown)}")
+    if BASE in args.targets and not args.base:
+        p.error(f"target {BASE} needs --base REV")
+    if args.base and BASE not in args.targets:
+        p.error(f"--base given but {BASE} is not in --targets")
+    if args.externals < 1:
+        p.error("--externals must be at least 1 (the partner)")
+    if args.base:
+        try:
+            args.base_commit, args.base_short = baseline.resolve(ROOT, args.base)
+        except baseline.BaseError as e:
+            p.error(f"--base {args.base}: {e}")
     reps = args.reps or (1 if args.quick else 3)
     duration = args.duration or (3.0 if args.quick else 8.0)
     warmup = 1.0 if args.quick else 2.0
@@ -628,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         files = _requests(env, args.quick)
         selected = [
             w
-            for w in workloads(files, args.quick)
+            for w in workloads(files, args.quick, bool(args.base))
             if not args.workloads or w.name in args.workloads.split(",")
         ]
         results: dict[str, dict[str, list[dict[str, Any]]]] = {w.name: {} for w in selected}
@@ -644,42 +817,41 @@ def main(argv: list[str] | None = None) -> int:
                             run_once(env, w, target, warmup)
                         r = run_once(env, w, target, duration)
                     except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
-                        print(f"bench: {w.name} {target} failed: {e}", file=sys.stderr)
+                        print(f"bench: {w.name} {env.label(target)} failed: {e}", file=sys.stderr)
                         continue
                     results[w.name].setdefault(target, []).append(r)
                     print(
-                        f"bench: rep {rep + 1}/{reps} {w.name:6} {target:9} {r['requests']:>8} requests",
+                        f"bench: rep {rep + 1}/{reps} {w.name:6} {env.label(target):11} {r['requests']:>8} requests",
                         file=sys.stderr,
                     )
         raw["results"] = results
+        raw["externals"] = args.externals
+        if args.base:
+            raw["base"] = {"rev": args.base, "commit": args.base_commit, "label": env.base_label}
+        base_note = (
+            f"; {env.base_label} = {args.base} ({args.base_commit}), same configuration"
+            if args.base
+            else ""
+        )
         header = (
             f"sbg benchmarks, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {machine()}; "
-            f"{reps} repetition(s) of {duration:g} s per target, interleaved; sbg log_level {args.sbg_log_level}, workers {args.sbg_workers}"
+            f"{reps} repetition(s) of {duration:g} s per target, interleaved; sbg log_level {args.sbg_log_level}, "
+            f"workers {args.sbg_workers}, {args.externals} external server(s) configured{base_note}"
         )
         out.append(header)
         for w in selected:
-            out.append(table(w, results[w.name]))
+            out.append(table(w, results[w.name], env.base_label))
         if not args.workloads or "W3" in args.workloads.split(","):
-            hs_targets = [t for t in ("direct", "mitmproxy", "sbg") if t in args.targets]
+            hs_targets = [t for t in ("direct", "mitmproxy", *SBG_TARGETS) if t in args.targets]
             out.append(handshakes(env, hs_targets, count, files["w3"]))
         if args.big:
-            out.append(big_download(env, [t for t in TARGETS if t in args.targets], files["w2big"]))
+            big_targets = [t for t in (*TARGETS, BASE) if t in args.targets]
+            out.append(big_download(env, big_targets, files["w2big"]))
         if args.profile:
-            sbg = env.servers.get("sbg")
-            if sbg is None or not sbg.alive():
-                print("bench: sbg is not running, no profile", file=sys.stderr)
-            else:
-                # The first selected workload (W1 unless --workloads says).
-                w1 = selected[0] if selected else workloads(files, args.quick)[0]
-                out.append(
-                    profile.profile_sbg(
-                        sbg.pid,
-                        os.path.join(tools.BENCH_VENV, "bin", "py-spy"),
-                        args.profile,
-                        args.profile_seconds,
-                        lambda: run_once(env, w1, "sbg", args.profile_seconds),  # type: ignore[arg-type]
-                    )
-                )
+            out.extend(_profile(args, env, selected, files))
+    except baseline.BaseError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if env is not None:
             env.stop_all()
