@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.config.model import InternalHomeserver
-from sbg.http.agent import RawTargetAgent
+from sbg.hosts import parse_authority
+from sbg.http.upstream import UpstreamPool, UpstreamPools
 from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
 from sbg.policy.killswitch import KillSwitch
@@ -29,19 +29,34 @@ from sbg.tls.client import ClientTLSPolicy
 
 logger = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT = 30.0
+MAX_IDLE_PER_UPSTREAM = 32
 
-@implementer(IPolicyForHTTPS)
-class _FixedTrust:
-    """HTTPS to an internal upstream, trusting only its `upstream_ca`."""
 
-    def __init__(self, tls: ClientTLSPolicy, ca_file: str | None) -> None:
+@implementer(IStreamClientEndpoint)
+class _InternalTLSEndpoint:
+    """TLS to an internal upstream, trusting only its `upstream_ca`.
+
+    The trust is looked up for each new connection, so a replaced CA file
+    applies without a restart (the TLS policy caches it until it changes).
+    """
+
+    def __init__(
+        self, reactor: Any, tls: ClientTLSPolicy, host: str, port: int, ca: str | None
+    ) -> None:
+        self._reactor = reactor
         self._tls = tls
-        self._ca = ca_file
+        self._host = host
+        self._port = port
+        self._ca = ca
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return self._tls.creator_for(
-            hostname.decode("ascii"), [self._ca] if self._ca else None, "system"
-        )
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        try:
+            creator = self._tls.creator_for(self._host, [self._ca] if self._ca else None, "system")
+        except Exception:
+            return defer.fail()
+        tcp = HostnameEndpoint(self._reactor, self._host, self._port, timeout=CONNECT_TIMEOUT)
+        return wrapClientTLS(creator, tcp).connect(protocolFactory)
 
 
 class Runtime:
@@ -59,14 +74,12 @@ class Runtime:
         self.audit = audit
         self.metrics = metrics
         self.client_tls = ClientTLSPolicy()
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 32
-        # Below the idle timeout of the servers behind (Synapse: 60 s), so
-        # a request is not written to a connection the server just closed.
-        self.pool.cachedConnectionTimeout = 20
+        # Idle connections close after 20 s, below the idle timeout of the
+        # servers behind (Synapse: 60 s), so a request is not written to a
+        # connection the server just closed.
+        self.pool = UpstreamPools()
         self.inflight = InflightBudget()
         self.rate_limiter = RateLimiter(reactor.seconds)
-        self._upstream_agents: dict[tuple[str, str | None], RawTargetAgent] = {}
         # Fetched signing keys outlive policy snapshots (contract 5.2).
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
 
@@ -81,18 +94,20 @@ class Runtime:
     def clock(self) -> IReactorTime:
         return self.reactor  # type: ignore[no-any-return]
 
-    def upstream_agent(self, internal: InternalHomeserver) -> RawTargetAgent:
+    def upstream_pool(self, internal: InternalHomeserver) -> UpstreamPool:
+        """The connection pool to `internal`'s upstream (made on first use)."""
         key = (internal.upstream, internal.upstream_ca)
-        agent = self._upstream_agents.get(key)
-        if agent is None:
-            scheme = urlsplit(internal.upstream).scheme
+        pool = self.pool.get(key)
+        if pool is None:
+            scheme, _, authority = internal.upstream.partition("://")
+            host, port = parse_authority(authority)
+            endpoint: IStreamClientEndpoint
             if scheme == "https":
-                agent = RawTargetAgent(
-                    self.reactor,
-                    contextFactory=_FixedTrust(self.client_tls, internal.upstream_ca),
-                    pool=self.pool,
+                endpoint = _InternalTLSEndpoint(
+                    self.reactor, self.client_tls, host, port or 443, internal.upstream_ca
                 )
             else:
-                agent = RawTargetAgent(self.reactor, pool=self.pool)
-            self._upstream_agents[key] = agent
-        return agent
+                endpoint = HostnameEndpoint(self.reactor, host, port or 80, timeout=CONNECT_TIMEOUT)
+            pool = UpstreamPool(self.reactor, endpoint, max_idle=MAX_IDLE_PER_UPSTREAM)
+            self.pool.add(key, pool)
+        return pool

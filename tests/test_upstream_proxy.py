@@ -87,3 +87,45 @@ class UpstreamProxyTests(TestCase):
         self.assertEqual(resp.status, 200, resp.body)
         self.assertEqual(seen, [b"CONNECT 192.0.2.1:8448 HTTP/1.1"])
         self.assertEqual([s.uri for s in ext.requests], [TXN])
+
+
+class _SlowProxy(protocol.Protocol):
+    """Answers a CONNECT only when told to."""
+
+    def connectionMade(self) -> None:
+        self.factory.conns.append(self)  # type: ignore[attr-defined]
+        self.lost: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = reason
+
+
+class ChainCancelTests(TestCase):
+    async def test_cancelled_while_the_proxy_answers(self) -> None:
+        from twisted.internet import defer, task
+
+        from sbg.outbound.chain import HTTPConnectEndpoint
+
+        factory = protocol.Factory.forProtocol(_SlowProxy)
+        factory.conns = []  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        endpoint = HTTPConnectEndpoint(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), "partner.example", 8448
+        )
+        d = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        while not factory.conns:  # type: ignore[attr-defined]
+            await task.deferLater(reactor, 0.01, lambda: None)
+        d.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await d
+        proxy = factory.conns[0]  # type: ignore[attr-defined]
+        # The proxy's late answer must not fire the cancelled Deferred again
+        # (AlreadyCalledError, logged as an unhandled error) nor open a tunnel.
+        if proxy.transport.connected:
+            proxy.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        for _ in range(50):
+            if proxy.lost is not None:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        self.assertIsNotNone(proxy.lost, "the connection to the proxy stayed open")

@@ -3,35 +3,25 @@
 It sends the request with its method, raw target and body byte-identical
 (hop-by-hop headers dropped, one unambiguous framing), then relays the
 upstream's status, headers and body back, streamed with backpressure: the
-upstream connection is the registered producer of the client connection, so
+upstream response is the registered producer of the client connection, so
 a slow client slows the upstream down instead of filling memory.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web._newclient import (
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
-from zope.interface import implementer
 
 from sbg.errors import SbgError
-from sbg.http.agent import RawTargetAgent
+from sbg.http.upstream import UpstreamClosed, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +40,26 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Framing is the HTTP client's job: it sets one Content-Length from the body.
+# Framing is sbg's job: it sends one Content-Length from the body.
 _REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect", b"x-forwarded-for"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_NO_BODY = (204, 304)
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
+class InvalidTarget(ValueError):
+    """A request sbg cannot write upstream as one clean request head."""
+
+
+def check_target(target: bytes) -> None:
+    """A request target sbg may write on a request line: no space, no control."""
+    if _TARGET.fullmatch(target) is None:
+        raise InvalidTarget("request target with a space, control or non-ASCII byte")
+
+
+def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection") or ():
+    for value in values:
         for token in value.split(b","):
             t = token.strip().lower()
             if t:
@@ -65,46 +67,57 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def copy_headers(src: Headers, drop: frozenset[bytes]) -> Headers:
-    """Copy `src` without the `drop` headers and those named in Connection."""
-    named = _connection_tokens(src)
-    out = Headers()
-    for name, values in src.getAllRawHeaders():
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    x_forwarded_for: bytes | None,
+    body: bytes | None,
+) -> bytes:
+    """The request line and header block to send upstream.
+
+    The target goes out as received (it is what was signed); hop-by-hop
+    headers and those named in Connection are dropped, X-Forwarded-For is
+    replaced (or dropped when None), and a body gets one Content-Length.
+
+    Raises:
+        InvalidTarget: the target or a header would not be one clean line.
+    """
+    check_target(target)
+    fields = list(headers.getAllRawHeaders())
+    named: set[bytes] = set()
+    for name, values in fields:
+        if name.lower() == b"connection":
+            named = _connection_tokens(values)
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    append = parts.append
+    lines = 1
+    for name, values in fields:
         lower = name.lower()
-        if lower in drop or lower in named:
+        if lower in _REQUEST_DROP or lower in named:
             continue
-        out.setRawHeaders(name, list(values))
-    return out
-
-
-def request_headers_for_upstream(src: Headers, x_forwarded_for: bytes | None) -> Headers:
-    """The headers to send upstream; X-Forwarded-For replaced (or dropped)."""
-    out = copy_headers(src, _REQUEST_DROP)
+        for value in values:
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+            lines += 1
     if x_forwarded_for is not None:
-        out.setRawHeaders(b"X-Forwarded-For", [x_forwarded_for])
-    return out
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory (bounded by max_body_size)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+        append(b"X-Forwarded-For: ")
+        append(x_forwarded_for)
+        append(b"\r\n")
+        lines += 1
+    if body is not None:
+        append(b"Content-Length: %d\r\n" % len(body))
+        lines += 1
+    append(b"\r\n")
+    head = b"".join(parts)
+    # Every CR and LF is a line end sbg wrote, and no NUL: a value can
+    # never split into two header lines upstream.
+    lines += 1
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+        raise InvalidTarget("a header value with CR, LF or NUL")
+    return head
 
 
 @dataclass
@@ -122,16 +135,12 @@ def upstream_error_reason(failure: Failure) -> tuple[int, str, str]:
         return 502, "dns", "upstream name does not resolve"
     if failure.check(error.ConnectionRefusedError, error.ConnectError):
         return 502, "connect", "upstream unreachable"
-    reasons: list[Failure] = []
-    if failure.check(
-        ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed, ResponseFailed
-    ):
-        reasons = list(getattr(failure.value, "reasons", []) or [])
-    for r in reasons:
-        if _is_tls_failure(r):
-            return 502, "tls", "TLS to the upstream failed verification"
     if _is_tls_failure(failure):
         return 502, "tls", "TLS to the upstream failed verification"
+    if failure.check(UpstreamClosed):
+        reason = failure.value.reason  # type: ignore[union-attr]
+        if _is_tls_failure(reason):
+            return 502, "tls", "TLS to the upstream failed verification"
     return 502, "protocol", "upstream connection failed"
 
 
@@ -141,41 +150,37 @@ def _is_tls_failure(failure: Failure) -> bool:
     return bool(failure.check(SSLError)) or "SSL" in type(failure.value).__name__
 
 
-_DONE = Failure(ResponseDone())
+class _Relay:
+    """Writes the upstream body into the client request as it arrives.
 
-
-class _Relay(Protocol):
-    """Writes the upstream body into the client request as it arrives."""
+    The response is the client request's push producer: a slow client
+    pauses reading from the upstream.
+    """
 
     def __init__(
         self,
         request: http.Request,
+        response: UpstreamResponse,
         clock: IReactorTime,
         idle_timeout: float,
         done: defer.Deferred[ForwardResult],
-        status: int,
     ) -> None:
         self._request = request
+        self._response = response
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._done = done
-        self._status = status
         self._timer: IDelayedCall | None = None
+        self._registered = False
+        self._ended = False
         self.bytes = 0
-        self._producer: IPushProducer | None = None
         self.client_gone = False
 
-    def connectionMade(self) -> None:
-        producer = self.transport
-        if IPushProducer.providedBy(producer):
-            self._producer = producer
-            self._request.registerProducer(producer, True)
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._idle_timeout)
-        else:
+    def start(self) -> None:
+        self._request.registerProducer(self._response, True)
+        self._registered = True
+        self._response.deliver(self)
+        if not self._ended:
             self._timer = self._clock.callLater(self._idle_timeout, self._idle)
 
     def _idle(self) -> None:
@@ -187,62 +192,82 @@ class _Relay(Protocol):
 
     def stop(self) -> None:
         """Abort the upstream (client gone, or idle): the client is cut too."""
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+        self._response.stopProducing()
 
-    def dataReceived(self, data: bytes) -> None:
+    def data(self, data: bytes) -> None:
         self.bytes += len(data)
-        self._arm()
+        timer = self._timer
+        if timer is not None:
+            timer.reset(self._idle_timeout)
         if not self.client_gone:
             self._request.write(data)
 
-    def connectionLost(self, reason: Failure = _DONE) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        complete = bool(reason.check(ResponseDone, PotentialDataLoss))
+    def end(self, complete: bool) -> None:
+        self._ended = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        request = self._request
         if not self.client_gone:
-            if self._producer is not None:
-                self._request.unregisterProducer()
+            if self._registered:
+                request.unregisterProducer()
             if complete:
-                self._request.finish()
+                request.finish()
             else:
                 # Headers are gone already: the only honest signal left is
                 # to close the connection after what was relayed, so the
                 # client sees a body shorter than announced (or a chunked
                 # body without its last chunk).
-                channel = self._request.channel
+                channel = request.channel
                 if channel is not None and channel.transport is not None:
                     channel.persistent = False
                     # The channel's own loseConnection first unregisters it
                     # as the transport's producer; TLS would wait forever.
                     channel.loseConnection()
-        self._done.callback(ForwardResult(self._status, self.bytes, complete))
+        self._done.callback(ForwardResult(self._response.code, self.bytes, complete))
+
+
+def response_headers(response: UpstreamResponse) -> Headers:
+    """The upstream's headers minus hop-by-hop ones and its framing."""
+    named: set[bytes] = set()
+    for name, value in response.headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            named |= _connection_tokens((value,))
+    out = Headers()
+    add = out.addRawHeader
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in named:
+            continue
+        add(name, value)
+    return out
 
 
 async def forward(
     *,
-    agent: RawTargetAgent,
+    pool: UpstreamPool,
     request: http.Request,
-    base_url: bytes,
-    headers: Headers,
+    x_forwarded_for: bytes | None,
     body: bytes | None,
     clock: IReactorTime,
     request_timeout: float,
     idle_timeout: float,
-    on_response: Callable[[IResponse], None] | None = None,
 ) -> ForwardResult:
-    """Forward `request` to `base_url` and relay the answer into `request`.
+    """Forward `request` through `pool` and relay the answer into `request`.
 
-    Raises `SbgError` (502/504) when no response headers came back; once
-    headers are relayed the result says whether the body completed.
+    The request goes out with its method, raw target, headers (hop-by-hop
+    ones dropped, `x_forwarded_for` as X-Forwarded-For when not None) and
+    `body` (None: no body). Raises `UpstreamError` (502/504) when no
+    response head came back, `ClientGone` when the client left first; once
+    the head is relayed, the result says whether the body completed.
     """
     method = request.method
-    producer = BytesProducer(body) if body is not None else None
-    # The raw target as received, byte for byte: it is what was signed.
-    d: defer.Deferred[IResponse] = agent.request_raw(
-        method, base_url, request.uri, headers, producer
-    )
+    try:
+        head = request_head(method, request.uri, request.requestHeaders, x_forwarded_for, body)
+    except InvalidTarget as e:
+        logger.info("request not sendable upstream: %s", e)
+        raise UpstreamError(502, "protocol", "upstream connection failed")
+    d = pool.request(method, head, body)
     timed_out = []
 
     def on_timeout() -> None:
@@ -278,39 +303,23 @@ async def forward(
             timer.cancel()
 
     if client_gone:
-        response.deliverBody(_Discard())
+        response.discard()
         raise ClientGone()
-    length = response.length
-    if length is not UNKNOWN_LENGTH and (not isinstance(length, int) or length < 0):
-        # Older Twisted parses a negative Content-Length without complaint:
-        # never relay a framing the client could read two ways.
-        response.deliverBody(_Discard())
-        raise UpstreamError(502, "protocol", "upstream sent an invalid Content-Length")
-    if on_response is not None:
-        on_response(response)
-    request.setResponseCode(response.code, response.phrase)
-    out = copy_headers(response.headers, _RESPONSE_DROP)
+    code = response.code
+    request.setResponseCode(code, response.phrase)
+    out = response_headers(response)
     if request.channel is not None and not request.channel.persistent:
         # This connection ends with this response (the client asked, or sbg
         # is stopping): say so, since the upstream's Connection is dropped.
         out.setRawHeaders(b"Connection", [b"close"])
-    if response.length is not UNKNOWN_LENGTH and method != b"HEAD":
-        out.setRawHeaders(b"Content-Length", [str(response.length).encode()])
+    if response.length is not None and method != b"HEAD" and code not in _NO_BODY:
+        out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
     request.responseHeaders = out
     done: defer.Deferred[ForwardResult] = defer.Deferred()
-    relay = _Relay(request, clock, idle_timeout, done, response.code)
+    relay = _Relay(request, response, clock, idle_timeout, done)
     relays.append(relay)
-    response.deliverBody(relay)
+    relay.start()
     return await done
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
 
 
 class ClientGone(Exception):

@@ -15,7 +15,7 @@ from twisted.internet import threads
 from sbg.config.model import ExternalHomeserver, InternalHomeserver, Listener, RateLimit
 from sbg.errors import SbgError
 from sbg.hosts import HostParseError, parse_authority
-from sbg.http.forward import forward, request_headers_for_upstream
+from sbg.http.forward import forward
 from sbg.http.pipeline import InflightTracker, Pipeline, RequestContext
 from sbg.http.site import BorderRequest
 from sbg.matrix.endpoints import Match, match_target
@@ -250,10 +250,9 @@ class InboundHandler(Pipeline):
         settings = policy.config.inbound
         with self._rt.inflight.hold(origin.server_name if origin else None, policy.config.limits):
             result = await forward(
-                agent=self._rt.upstream_agent(internal),
+                pool=self._rt.upstream_pool(internal),
                 request=request,
-                base_url=internal.upstream.rstrip("/").encode(),
-                headers=request_headers_for_upstream(request.requestHeaders, xff),
+                x_forwarded_for=xff,
                 body=body if request.method in (b"PUT", b"POST") else None,
                 clock=self._rt.reactor,
                 request_timeout=settings.request_timeout,

@@ -54,6 +54,10 @@ class _ConnectClient(Protocol):
         if len(status_line) < 2 or status_line[1] != b"200":
             self._fail(f"upstream proxy refused CONNECT: {head[:80]!r}")
             return
+        if self._ready.called:
+            # Cancelled while the proxy was answering: nobody wants it now.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._tunnelled = True
         self._wrapped.makeConnection(self.transport)  # type: ignore[arg-type]
         self._ready.callback(self._wrapped)
@@ -82,8 +86,16 @@ class HTTPConnectEndpoint:
         wrapped = protocolFactory.buildProtocol(None)  # type: ignore[arg-type]
         if wrapped is None:
             return defer.fail(ConnectError(string="protocol factory refused"))
-        ready: defer.Deferred[IProtocol] = defer.Deferred()
+        clients: list[_ConnectClient] = []
+
+        def cancel(_: defer.Deferred[IProtocol]) -> None:
+            transport = clients[0].transport if clients else None
+            if transport is not None:
+                transport.abortConnection()  # type: ignore[attr-defined]
+
+        ready: defer.Deferred[IProtocol] = defer.Deferred(cancel)
         client = _ConnectClient(self._target, wrapped, ready)
+        clients.append(client)
         d = self._proxy.connect(Factory.forProtocol(lambda: client))
 
         def connected(_: object) -> defer.Deferred[IProtocol]:

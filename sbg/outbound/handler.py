@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sbg.errors import SbgError
 from sbg.hosts import HostParseError, parse_authority
-from sbg.http.forward import UpstreamError, forward, request_headers_for_upstream
+from sbg.http.forward import UpstreamError, forward
 from sbg.http.pipeline import Pipeline, RequestContext
 from sbg.http.site import BorderRequest
 from sbg.matrix.endpoints import match_target
@@ -169,25 +169,21 @@ class OutboundHandler(Pipeline):
     ) -> None:
         settings = tunnel.policy.config.outbound
         try:
-            agent = self._state.agent_for(
+            pool = self._state.pool_for(
                 tunnel, tls_name, (ca_file,) if ca_file else None, default_trust
             )
         except (NoUpstreamTrust, PemError) as e:
             # Nothing to verify the destination against: the contract's
             # "TLS to the destination fails verification", a 502.
             raise UpstreamError(502, "tls", f"no usable trust for {tls_name}: {e}")
-        hosts = request.requestHeaders.getRawHeaders(b"host") or [b""]
-        # The URL only names the pool; the connection goes where the tunnel's
-        # endpoint says, and Host is sent as received.
-        base_url = b"https://" + hosts[0]
-        # Internal addresses are not the external servers' business.
-        headers = request_headers_for_upstream(request.requestHeaders, None)
+        # The connection goes where the tunnel's endpoint says, and Host is
+        # sent as received.
         with self._state.runtime.inflight.hold(tunnel.server_name, tunnel.policy.config.limits):
             result = await forward(
-                agent=agent,
+                pool=pool,
                 request=request,
-                base_url=base_url,
-                headers=headers,
+                # Internal addresses are not the external servers' business.
+                x_forwarded_for=None,
                 body=request.body() if request.method in (b"PUT", b"POST") else None,
                 clock=self._state.runtime.reactor,
                 request_timeout=settings.request_timeout,

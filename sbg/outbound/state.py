@@ -12,14 +12,11 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
 from sbg.config.model import Config, ExternalHomeserver, NonMatrixURL
 from sbg.errors import SbgError
 from sbg.hosts import format_authority
-from sbg.http.agent import RawTargetAgent
+from sbg.http.upstream import UpstreamPool
 from sbg.outbound.chain import HTTPConnectEndpoint
 from sbg.policy.killswitch import Switch
 from sbg.policy.snapshot import Policy
@@ -35,6 +32,11 @@ logger = logging.getLogger(__name__)
 TunnelKind = Literal["federation", "client", "discovery", "non_matrix"]
 CONNECT_TIMEOUT = 30.0
 MAX_UPSTREAM_CLIENTS = 256
+# Idle connections kept per destination: as many as the requests a busy
+# homeserver has in flight to one partner, or every request beyond them
+# pays a new TCP connection and TLS handshake (W3 in docs/performance.md:
+# 8 -> 32 cut the CPU per request about fourfold).
+MAX_IDLE_PER_DESTINATION = 32
 
 
 class TunnelRefused(SbgError):
@@ -88,15 +90,6 @@ class TunnelConnection(Protocol):
     def close_if_idle(self) -> None: ...
 
 
-@implementer(IAgentEndpointFactory)
-class _FixedEndpoint:
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        return self._endpoint
-
-
 class OutboundState:
     def __init__(self, runtime: Runtime, tracker: InflightTracker) -> None:
         self.runtime = runtime
@@ -104,9 +97,7 @@ class OutboundState:
         self._minter: CertMinter | None = None
         self._ca_paths: tuple[str, str] | None = None
         self._tunnels: set[TunnelConnection] = set()
-        self._clients: OrderedDict[tuple[Any, ...], tuple[RawTargetAgent, HTTPConnectionPool]] = (
-            OrderedDict()
-        )
+        self._clients: OrderedDict[tuple[Any, ...], UpstreamPool] = OrderedDict()
         self.reconfigure(runtime.policy.config)
 
     # -- configuration -----------------------------------------------------
@@ -128,7 +119,7 @@ class OutboundState:
 
     def reconfigure(self, config: Config) -> None:
         self._minter, self._ca_paths = self._build_minter(config)
-        for _agent, pool in self._clients.values():
+        for pool in self._clients.values():
             pool.closeCachedConnections()
         self._clients.clear()
 
@@ -212,7 +203,7 @@ class OutboundState:
 
     def close(self) -> defer.Deferred[None]:
         """Close every upstream connection pool."""
-        pools = [pool.closeCachedConnections() for _agent, pool in self._clients.values()]
+        pools = [pool.closeCachedConnections() for pool in self._clients.values()]
         self._clients.clear()
         d = defer.gatherResults(pools, consumeErrors=True)
         return d.addCallback(_discard)
@@ -223,14 +214,14 @@ class OutboundState:
 
     # -- upstream clients --------------------------------------------------
 
-    def agent_for(
+    def pool_for(
         self,
         tunnel: Tunnel,
         tls_name: str,
         ca_files: tuple[str, ...] | None,
         default_trust: str,
-    ) -> RawTargetAgent:
-        """An HTTP client for one (target, TLS name, trust) combination.
+    ) -> UpstreamPool:
+        """The upstream connections for one (target, TLS name, trust) combination.
 
         Each has its own connection pool, so a connection made for one
         destination is never reused for another.
@@ -249,7 +240,7 @@ class OutboundState:
         hit = self._clients.get(key)
         if hit is not None:
             self._clients.move_to_end(key)
-            return hit[0]
+            return hit
         creator = self.runtime.client_tls.creator_for(
             tls_name, list(ca_files) if ca_files else None, default_trust
         )
@@ -264,18 +255,12 @@ class OutboundState:
             )
         else:
             tcp = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-        endpoint = wrapClientTLS(creator, tcp)
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 8
-        pool.cachedConnectionTimeout = 20
-        agent: RawTargetAgent = RawTargetAgent.usingEndpointFactory(
-            reactor, _FixedEndpoint(endpoint), pool=pool
-        )
-        self._clients[key] = (agent, pool)
+        pool = UpstreamPool(reactor, wrapClientTLS(creator, tcp), max_idle=MAX_IDLE_PER_DESTINATION)
+        self._clients[key] = pool
         while len(self._clients) > MAX_UPSTREAM_CLIENTS:
-            _k, (_a, old) = self._clients.popitem(last=False)
+            _k, old = self._clients.popitem(last=False)
             old.closeCachedConnections()
-        return agent
+        return pool
 
 
 def _addresses_for(tunnel: Tunnel) -> tuple[str, int] | None:
