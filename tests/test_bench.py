@@ -6,22 +6,53 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
+import sys
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
+import sbg
+import twisted.plugins
 from bench import baseline, run
 from bench.externals import extra_externals
 from sbg.config.load import load_config
 from tests.configtools import PARTNER_SERVER, make_material
 
-ROOT = run.ROOT
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+PYTHON = sys.executable
+# Where the sbg this test process runs comes from (the source tree, or the
+# installed package when the suite runs against it).
+LOADED = os.path.dirname(os.path.dirname(os.path.abspath(sbg.__file__)))
 
 
-def _needs_git() -> None:
-    if not os.path.isdir(os.path.join(ROOT, ".git")):
-        raise SkipTest("not a git checkout")
+def _plugin_file() -> str:
+    for d in twisted.plugins.__path__:
+        path = os.path.join(d, "sbg_plugin.py")
+        if os.path.exists(path):
+            return path
+    raise AssertionError("no sbg_plugin.py next to twisted.plugins")
+
+
+def _repository(directory: str) -> str:
+    """A git repository whose one commit holds the sbg this process runs."""
+    os.makedirs(directory)
+    shutil.copytree(
+        os.path.dirname(os.path.abspath(sbg.__file__)),
+        os.path.join(directory, "sbg"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    os.makedirs(os.path.join(directory, "twisted", "plugins"))
+    shutil.copy(_plugin_file(), os.path.join(directory, "twisted", "plugins"))
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.test",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.test",
+    )
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "sbg"]):
+        subprocess.run(["git", "-C", directory, *args], check=True, env=env, capture_output=True)
+    return directory
 
 
 class ExternalsTests(SynchronousTestCase):
@@ -96,18 +127,18 @@ class RatioTests(SynchronousTestCase):
 
 class BaselineTests(SynchronousTestCase):
     def test_resolve_refuses_an_unknown_revision(self) -> None:
-        _needs_git()
+        repo = _repository(os.path.abspath(self.mktemp()))
         with self.assertRaises(baseline.BaseError):
-            baseline.resolve(ROOT, "no-such-revision-xyz")
+            baseline.resolve(repo, "no-such-revision-xyz")
 
     def test_extract_and_launch_checks_where_the_code_comes_from(self) -> None:
         """The extracted tree's sbg runs when it is first on PYTHONPATH; the
         launcher refuses to run twistd when another tree's sbg would be loaded."""
-        _needs_git()
-        full, short = baseline.resolve(ROOT, "HEAD")
-        self.assertTrue(full.startswith(short))
         work = os.path.abspath(self.mktemp())
-        source = baseline.extract(ROOT, full, os.path.join(work, "src"))
+        repo = _repository(os.path.join(work, "repo"))
+        full, short = baseline.resolve(repo, "HEAD")
+        self.assertTrue(full.startswith(short))
+        source = baseline.extract(repo, full, os.path.join(work, "src"))
         self.assertTrue(os.path.exists(os.path.join(source, "twisted/plugins/sbg_plugin.py")))
 
         argv = baseline.launcher_argv(PYTHON, source, ["sbg", "--version"])
@@ -120,8 +151,9 @@ class BaselineTests(SynchronousTestCase):
             baseline.code_origin(ok.stdout, source), os.path.join(source, "sbg", "__init__.py")
         )
 
+        # The sbg of this process, not the extracted one, would be loaded.
         wrong = subprocess.run(
-            argv, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, cwd=work
+            argv, env=dict(os.environ, PYTHONPATH=LOADED), capture_output=True, text=True, cwd=work
         )
         self.assertEqual(wrong.returncode, 1)
         self.assertIn(baseline.REFUSAL, wrong.stderr)
@@ -134,14 +166,14 @@ class BaselineTests(SynchronousTestCase):
             baseline.code_origin("some log line\n", "/nowhere")
 
     def test_extract_refuses_a_tree_without_sbg(self) -> None:
-        _needs_git()
-        # The repository's first commit may or may not hold sbg; an empty tree never does.
+        repo = _repository(os.path.abspath(self.mktemp()))
+        # An empty tree never holds sbg.
         empty = subprocess.run(
-            ["git", "-C", ROOT, "hash-object", "-t", "tree", "/dev/null"],
+            ["git", "-C", repo, "hash-object", "-w", "-t", "tree", "/dev/null"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
         with self.assertRaises(baseline.BaseError) as caught:
-            baseline.extract(ROOT, empty, os.path.join(os.path.abspath(self.mktemp()), "src"))
+            baseline.extract(repo, empty, os.path.join(os.path.abspath(self.mktemp()), "src"))
         self.assertIn("has no sbg/__init__.py", str(caught.exception))
