@@ -51,6 +51,7 @@ from sbg.outbound.state import OutboundState
 from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
 from sbg.runtime import Runtime
+from sbg.tls.ca import load_ca
 from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,21 @@ def inbound_tls_entries(config: Config) -> list[tuple[list[str], str, str]]:
         )
         entries.append((names, hs.tls.certificate, hs.tls.private_key))
     return entries
+
+
+def prepare_reload(
+    config: Config, inbound_tls: bool
+) -> tuple[Policy, SNIServerContextFactory | None]:
+    """What a reload puts into service, built in full before anything is
+    swapped: the policy, the inbound TLS contexts (when an inbound listener
+    terminates TLS) and a check that the interception CA loads. Raises on
+    anything that cannot be put into service."""
+    policy = Policy.build(config)
+    tls = build_sni_server_context(inbound_tls_entries(config)) if inbound_tls else None
+    ca = config.outbound.ca
+    if ca is not None:
+        load_ca(ca.certificate, ca.private_key)
+    return policy, tls
 
 
 class GatewayService(MultiService):
@@ -259,11 +275,7 @@ class GatewayService(MultiService):
         if new.state_dir != self._started_with[1]:
             logger.warning("state_dir changes need a restart; it was not applied")
         try:
-            policy = Policy.build(new)
-            tls = None
-            if self._inbound_tls is not None:
-                tls = build_sni_server_context(inbound_tls_entries(new))
-            self.outbound.check_config(new)
+            policy, tls = prepare_reload(new, self._inbound_tls is not None)
         except Exception as e:
             logger.error("reload refused: %s", e)
             self.metrics.config_reloads.labels("failure").inc()

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import multiprocess
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
@@ -50,7 +51,7 @@ from sbg.logsetup import LogWriter
 from sbg.metrics import Metrics, WorkersCollector
 from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
-from sbg.service import set_killswitch_gauge
+from sbg.service import prepare_reload, set_killswitch_gauge
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self._writer = writer
         self._ended = ended
-        self._buffers = {1: "", 2: ""}
+        self._buffers = {1: b"", 2: b""}
         self.done: defer.Deferred[None] = defer.Deferred()
 
     def connectionMade(self) -> None:
@@ -109,11 +110,13 @@ class _Worker(ProcessProtocol):
         self.pid = transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        text = self._buffers.get(childFD, "") + data.decode("utf-8", "replace")
-        complete, _, rest = text.rpartition("\n")
+        # Whole lines only, decoded once complete (a UTF-8 character may be
+        # split between two reads).
+        buffered = self._buffers.get(childFD, b"") + data
+        complete, _, rest = buffered.rpartition(b"\n")
         self._buffers[childFD] = rest
         if complete:
-            self._emit(childFD, complete + "\n")
+            self._emit(childFD, complete.decode("utf-8", "replace") + "\n")
 
     def _emit(self, fd: int, text: str) -> None:
         if fd == 1:
@@ -130,8 +133,8 @@ class _Worker(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._buffers.items():
             if rest:
-                self._emit(fd, rest + "\n")
-        self._buffers = {1: "", 2: ""}
+                self._emit(fd, rest.decode("utf-8", "replace") + "\n")
+        self._buffers = {1: b"", 2: b""}
         self._ended(self)
         self.done.callback(None)
 
@@ -259,8 +262,6 @@ class SupervisorService(MultiService):
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
         if worker.pid is not None and self._metrics_dir is not None:
-            from prometheus_client import multiprocess
-
             multiprocess.mark_process_dead(worker.pid, self._metrics_dir)
         if self._stopping:
             logger.info("worker %d (pid %s) stopped", worker.index, worker.pid)
@@ -310,7 +311,10 @@ class SupervisorService(MultiService):
                 "listener, state_dir and workers changes need a restart; they were not applied"
             )
         try:
-            policy = Policy.build(new)
+            # The same checks as each worker's, so that a file refused by
+            # the workers is refused here, once, and never passed on.
+            inbound_tls = any(li.type == "inbound" and li.tls for li in new.listeners)
+            policy, _tls = prepare_reload(new, inbound_tls)
         except Exception as e:
             logger.error("reload refused: %s", e)
             self.metrics.config_reloads.labels("failure").inc()

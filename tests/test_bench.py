@@ -33,6 +33,24 @@ def _plugin_file() -> str:
     raise AssertionError("no sbg_plugin.py next to twisted.plugins")
 
 
+def _installed_plugins() -> list[str]:
+    """sbg plugins a twistd of PYTHON finds without any PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [PYTHON, "-c", "import twisted.plugins as p; print('\\n'.join(p.__path__))"],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [
+        os.path.join(d, "sbg_plugin.py")
+        for d in out
+        if os.path.exists(os.path.join(d, "sbg_plugin.py"))
+    ]
+
+
 def _repository(directory: str) -> str:
     """A git repository whose one commit holds the sbg this process runs."""
     os.makedirs(directory)
@@ -145,6 +163,15 @@ class BaselineTests(SynchronousTestCase):
         ok = subprocess.run(
             argv, env=dict(os.environ, PYTHONPATH=source), capture_output=True, text=True, cwd=work
         )
+        installed = _installed_plugins()
+        if installed:
+            # sbg is installed system-wide (the Debian package, when the
+            # suite runs against it): its plugin is on every twistd's plugin
+            # path, so the launcher must refuse, naming it.
+            self.assertEqual(ok.returncode, 1, ok.stdout)
+            self.assertIn(baseline.REFUSAL, ok.stderr)
+            self.assertIn(installed[0], ok.stderr)
+            return
         self.assertEqual(ok.returncode, 0, ok.stderr)
         self.assertIn("sbg ", ok.stdout)  # twistd ran the plugin's --version
         self.assertEqual(
