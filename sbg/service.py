@@ -81,6 +81,64 @@ def inbound_tls_entries(config: Config) -> list[tuple[list[str], str, str]]:
     return entries
 
 
+def tcp_server_endpoint(reactor: Any, listener: Listener, address: str) -> IStreamServerEndpoint:
+    """The plain TCP endpoint of one listener address. TLS, where a listener
+    has it, is inside the factory, so connection limits apply before any
+    handshake."""
+    if ":" in address:
+        return TCP6ServerEndpoint(reactor, listener.port, interface=address)
+    return TCP4ServerEndpoint(reactor, listener.port, interface=address)
+
+
+# What a reload cannot change (name in the log, Config attribute).
+RESTART_ONLY = (("listener", "listeners"), ("state_dir", "state_dir"), ("workers", "workers"))
+
+
+def install_signal_handlers(
+    reactor: Any, reload: Callable[[], object], shutdown: Callable[[], object]
+) -> None:
+    """SIGHUP reloads, SIGTERM stops gracefully, both on the reactor thread.
+
+    Installed after the reactor's own (call from `callWhenRunning`): the
+    reactor would record SIGTERM and twistd would re-raise it at exit
+    (status -15)."""
+
+    def on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    def on_term(signum: int, frame: Any) -> None:
+        reactor.callFromThread(shutdown)
+
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def read_reload(
+    started: Config, metrics: Metrics, inbound_tls: bool
+) -> tuple[Config, Policy, SNIServerContextFactory | None] | None:
+    """Read `started`'s file again and build what a reload puts into
+    service; None when it is refused (each problem logged as `reload
+    refused: ...`, the failure counted). Changes only a restart applies
+    are logged, every time, and left alone."""
+    try:
+        new = load_config(started.path)
+    except ConfigErrors as e:
+        for line in e.lines():
+            logger.error("reload refused: %s", line)
+        metrics.config_reloads.labels("failure").inc()
+        return None
+    for label, attribute in RESTART_ONLY:
+        if getattr(new, attribute) != getattr(started, attribute):
+            logger.warning("%s changes need a restart; they were not applied", label)
+    try:
+        policy, tls = prepare_reload(new, inbound_tls)
+    except Exception as e:
+        logger.error("reload refused: %s", e)
+        metrics.config_reloads.labels("failure").inc()
+        return None
+    return new, policy, tls
+
+
 def prepare_reload(
     config: Config, inbound_tls: bool
 ) -> tuple[Policy, SNIServerContextFactory | None]:
@@ -141,13 +199,13 @@ class GatewayService(MultiService):
         self._port_owners: list[tuple[Listener, str]] = []
         self._stopping = False
         # What is in service until a restart, whatever later reloads say.
-        self._started_with = (config.listeners, config.state_dir)
+        self._started = config
         for index, listener in enumerate(config.listeners):
             if adopted is not None and listener.type == "admin":
                 continue
             factory = self._factory_for(listener)
             for address in listener.bind_addresses:
-                endpoint = self._endpoint(listener, address)
+                endpoint = tcp_server_endpoint(reactor, listener, address)
                 if adopted is not None:
                     family = socket.AF_INET6 if ":" in address else socket.AF_INET
                     endpoint = AdoptedStreamServerEndpoint(
@@ -201,13 +259,6 @@ class GatewayService(MultiService):
 
         return LimitedFactory(factory, lambda: self.runtime.policy.config.limits, refused)
 
-    def _endpoint(self, listener: Listener, address: str) -> IStreamServerEndpoint:
-        # TLS, where a listener has it, is inside the factory (see
-        # _factory_for), so connection limits apply before any handshake.
-        if ":" in address:
-            return TCP6ServerEndpoint(self.reactor, listener.port, interface=address)
-        return TCP4ServerEndpoint(self.reactor, listener.port, interface=address)
-
     # -- lifecycle ---------------------------------------------------------
 
     def privilegedStartService(self) -> None:
@@ -224,7 +275,9 @@ class GatewayService(MultiService):
         if self._ks_poll is not None:
             self._ks_poll.start(1.0, now=False)
         if self._install_signals:
-            self.reactor.callWhenRunning(self._install_signal_handlers)
+            self.reactor.callWhenRunning(
+                install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
+            )
         logger.info(
             "sbg started: %d listener(s), %d internal and %d external homeserver(s)",
             len(self.config.listeners),
@@ -249,37 +302,12 @@ class GatewayService(MultiService):
             out.append((listener, address, await seen))
         return out
 
-    def _install_signal_handlers(self) -> None:
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        def on_term(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.graceful_shutdown)
-
-        signal.signal(signal.SIGHUP, on_hup)
-        # Installed after the reactor's own: the reactor would record the
-        # signal and twistd would re-raise it at exit (status -15).
-        signal.signal(signal.SIGTERM, on_term)
-
     def reload(self) -> bool:
         """Re-read the configuration file; True if the new one took effect."""
-        try:
-            new = load_config(self.config.path)
-        except ConfigErrors as e:
-            for line in e.lines():
-                logger.error("reload refused: %s", line)
-            self.metrics.config_reloads.labels("failure").inc()
+        loaded = read_reload(self._started, self.metrics, self._inbound_tls is not None)
+        if loaded is None:
             return False
-        if new.listeners != self._started_with[0]:
-            logger.warning("listener changes need a restart; they were not applied")
-        if new.state_dir != self._started_with[1]:
-            logger.warning("state_dir changes need a restart; it was not applied")
-        try:
-            policy, tls = prepare_reload(new, self._inbound_tls is not None)
-        except Exception as e:
-            logger.error("reload refused: %s", e)
-            self.metrics.config_reloads.labels("failure").inc()
-            return False
+        new, policy, tls = loaded
         self.runtime.swap_policy(policy)
         if tls is not None and self._inbound_tls is not None:
             self._inbound_tls.current = tls

@@ -44,14 +44,17 @@ from twisted.python.failure import Failure
 
 from sbg.admin import admin_site
 from sbg.certmetrics import update_certificate_expiry
-from sbg.config.load import load_config
-from sbg.config.model import Config, Listener
-from sbg.errors import ConfigErrors
+from sbg.config.model import Config
 from sbg.logsetup import LogWriter
 from sbg.metrics import Metrics, WorkersCollector
 from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
-from sbg.service import prepare_reload, set_killswitch_gauge
+from sbg.service import (
+    install_signal_handlers,
+    read_reload,
+    set_killswitch_gauge,
+    tcp_server_endpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +165,7 @@ class SupervisorService(MultiService):
         self._killswitch_changed(self.killswitch.engaged)
         self.policy = Policy.build(config)
         update_certificate_expiry(config, self.metrics)
-        self._started_with = (config.listeners, config.state_dir, config.workers)
+        self._started = config
         self._sockets: list[BoundSocket] = []
         self._workers: dict[int, _Worker] = {}
         self._restarts: dict[int, IDelayedCall] = {}
@@ -180,7 +183,9 @@ class SupervisorService(MultiService):
             if listener.type != "admin":
                 continue
             for address in listener.bind_addresses:
-                svc = StreamServerEndpointService(_tcp_endpoint(reactor, listener, address), site)
+                svc = StreamServerEndpointService(
+                    tcp_server_endpoint(reactor, listener, address), site
+                )
                 svc._raiseSynchronously = True
                 svc.setServiceParent(self)
                 self._admin_ports.append(svc)
@@ -210,7 +215,9 @@ class SupervisorService(MultiService):
         self._collector = WorkersCollector(self.metrics, self._metrics_dir)
         for index in range(self.config.workers):
             self._spawn(index)
-        self.reactor.callWhenRunning(self._install_signal_handlers)
+        self.reactor.callWhenRunning(
+            install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
+        )
         logger.info(
             "sbg started: %d worker(s), %d listener(s), %d internal and %d external homeserver(s)",
             self.config.workers,
@@ -287,38 +294,14 @@ class SupervisorService(MultiService):
             except (error.ProcessExitedAlready, OSError):
                 pass
 
-    def _install_signal_handlers(self) -> None:
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        def on_term(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.graceful_shutdown)
-
-        signal.signal(signal.SIGHUP, on_hup)
-        signal.signal(signal.SIGTERM, on_term)
-
     def reload(self) -> bool:
-        """Check the file once here, then have every worker apply it."""
-        try:
-            new = load_config(self.config.path)
-        except ConfigErrors as e:
-            for line in e.lines():
-                logger.error("reload refused: %s", line)
-            self.metrics.config_reloads.labels("failure").inc()
+        """Check the file once here (the workers' own checks), then have
+        every worker apply it: a refused file is refused once, never passed on."""
+        inbound_tls = any(li.type == "inbound" and li.tls for li in self._started.listeners)
+        loaded = read_reload(self._started, self.metrics, inbound_tls)
+        if loaded is None:
             return False
-        if (new.listeners, new.state_dir, new.workers) != self._started_with:
-            logger.warning(
-                "listener, state_dir and workers changes need a restart; they were not applied"
-            )
-        try:
-            # The same checks as each worker's, so that a file refused by
-            # the workers is refused here, once, and never passed on.
-            inbound_tls = any(li.type == "inbound" and li.tls for li in new.listeners)
-            policy, _tls = prepare_reload(new, inbound_tls)
-        except Exception as e:
-            logger.error("reload refused: %s", e)
-            self.metrics.config_reloads.labels("failure").inc()
-            return False
+        new, policy, _tls = loaded
         self.policy = policy
         self.config = new
         update_certificate_expiry(new, self.metrics)
@@ -382,11 +365,3 @@ class SupervisorService(MultiService):
 
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
         set_killswitch_gauge(self.metrics, engaged)
-
-
-def _tcp_endpoint(reactor: Any, listener: Listener, address: str) -> Any:
-    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-
-    if ":" in address:
-        return TCP6ServerEndpoint(reactor, listener.port, interface=address)
-    return TCP4ServerEndpoint(reactor, listener.port, interface=address)
