@@ -52,7 +52,10 @@ SYNAPSE_START_TIMEOUT = 120.0
 SBG_START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
-SBG_ADDRESS = "127.0.0.10"
+# The /24 of loopback the suite uses: SBG_E2E_NET=127.0.1 lets a second
+# checkout run its end-to-end suite at the same time without a clash.
+E2E_NET = os.environ.get("SBG_E2E_NET", "127.0.0")
+SBG_ADDRESS = f"{E2E_NET}.10"
 SBG_INBOUND_PORT = 8448
 SBG_OUTBOUND_PORT = 3128
 SBG_ADMIN_PORT = 9000
@@ -94,9 +97,9 @@ class HomeserverSpec:
         return f"http://{self.address}:{self.client_port}"
 
 
-HS_INT = HomeserverSpec(key="hs-int", host="hs-int.test", address="127.0.0.2", ca="internal")
-HS_EXT = HomeserverSpec(key="hs-ext", host="hs-ext.test", address="127.0.0.3", ca="external")
-HS_EVIL = HomeserverSpec(key="hs-evil", host="hs-evil.test", address="127.0.0.4", ca="evil")
+HS_INT = HomeserverSpec(key="hs-int", host="hs-int.test", address=f"{E2E_NET}.2", ca="internal")
+HS_EXT = HomeserverSpec(key="hs-ext", host="hs-ext.test", address=f"{E2E_NET}.3", ca="external")
+HS_EVIL = HomeserverSpec(key="hs-evil", host="hs-evil.test", address=f"{E2E_NET}.4", ca="evil")
 ALL_HOMESERVERS = (HS_INT, HS_EXT, HS_EVIL)
 TEST_CAS = ("internal", "external", "evil")
 
