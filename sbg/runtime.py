@@ -13,17 +13,17 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.config.model import InternalHomeserver
 from sbg.hosts import parse_authority
+from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
 from sbg.http.upstream import UpstreamPool, UpstreamPools
 from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
 from sbg.policy.killswitch import KillSwitch
-from sbg.policy.ratelimit import InflightBudget, RateLimiter
 from sbg.policy.snapshot import Policy
 from sbg.tls.client import ClientTLSPolicy
 
@@ -60,6 +60,8 @@ class _InternalTLSEndpoint:
 
 
 class Runtime:
+    """What every listener of one process shares while sbg runs."""
+
     def __init__(
         self,
         reactor: Any,
@@ -79,6 +81,7 @@ class Runtime:
         # connection the server just closed.
         self.pool = UpstreamPools()
         self.inflight = InflightBudget()
+        self.body_budget = BodyBudget(lambda: self._policy.config.limits.max_buffered_bytes)
         self.rate_limiter = RateLimiter(reactor.seconds)
         # Fetched signing keys outlive policy snapshots (contract 5.2).
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
@@ -89,10 +92,6 @@ class Runtime:
 
     def swap_policy(self, policy: Policy) -> None:
         self._policy = policy
-
-    @property
-    def clock(self) -> IReactorTime:
-        return self.reactor  # type: ignore[no-any-return]
 
     def upstream_pool(self, internal: InternalHomeserver) -> UpstreamPool:
         """The connection pool to `internal`'s upstream (made on first use)."""

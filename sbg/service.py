@@ -50,6 +50,7 @@ from sbg.outbound.proxy import OutboundProxyFactory
 from sbg.outbound.state import OutboundState
 from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
+from sbg.reasons import Reason
 from sbg.runtime import Runtime
 from sbg.tls.ca import load_ca
 from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
@@ -254,8 +255,8 @@ class GatewayService(MultiService):
     def _limited(self, factory: Any, direction: str) -> LimitedFactory:
         """Connection limits outside everything else (TLS included)."""
 
-        def refused(reason: str) -> None:
-            self.metrics.refusals.labels(direction, "unknown", reason).inc()
+        def refused(reason: Reason) -> None:
+            self.metrics.refusals.labels(direction, "unknown", reason.code).inc()
 
         return LimitedFactory(factory, lambda: self.runtime.policy.config.limits, refused)
 

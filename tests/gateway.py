@@ -9,6 +9,7 @@ real TCP and TLS.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from sbg.config.load import load_config
 from sbg.config.model import Config
-from sbg.matrix.xmatrix import sign_request
+from sbg.matrix.xmatrix import sign_request, signed_bytes_with_raw_body
 from sbg.service import GatewayService
 from tests.configtools import (
     INTERNAL_HOST,
@@ -78,6 +79,23 @@ class Gateway:
         if content is not None:
             headers.append((b"Content-Type", b"application/json"))
         return headers
+
+    def raw_signed_headers(
+        self, method: str, target: bytes, body: bytes, *, destination: str = INTERNAL_SERVER
+    ) -> list[tuple[bytes, bytes]]:
+        """Headers signing `body` as it is (not its canonical encoding): what
+        a hostile but trusted origin can do with its own key."""
+        key = self.material.partner_signing_key
+        message = signed_bytes_with_raw_body(
+            method, target.decode(), PARTNER_SERVER, destination, body
+        )
+        sig = base64.b64encode(key.sign(message).signature).decode().rstrip("=")
+        key_id = f"{key.alg}:{key.version}"
+        auth = (
+            f'X-Matrix origin="{PARTNER_SERVER}",destination="{destination}",'
+            f'key="{key_id}",sig="{sig}"'
+        ).encode()
+        return [(b"Host", INTERNAL_HOST.encode()), (b"Authorization", auth)]
 
     def signed_request(self, method: str, target: bytes, content: Any = None, **kw: Any) -> bytes:
         body = json.dumps(content).encode() if content is not None else None

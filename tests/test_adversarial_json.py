@@ -164,20 +164,38 @@ ACCEPTED: list[tuple[str, bytes]] = [
 
 
 class RefusedJsonTests(TestCase):
-    async def test_each_refused_body_gets_not_json_before_signature_checks(self) -> None:
+    async def test_each_refused_body_gets_not_json_once_its_signature_holds(self) -> None:
         gw = await start_gateway(self)
         for name, body in REFUSED:
             # Signed over what Synapse would read, where it reads anything:
             # the signature is valid for that reading, and still irrelevant.
             signed = _last_wins(body)
-            try:
-                request = request_with_body(gw, body, signed if isinstance(signed, dict) else txn())
-            except (ValueError, UnicodeError):
-                # Not even signable (NaN, infinity, lone surrogates).
-                request = request_with_body(gw, body, txn())
+            request = None
+            if isinstance(signed, dict):
+                try:
+                    request = request_with_body(gw, body, signed)
+                except (ValueError, UnicodeError):
+                    pass
+            if request is None:
+                # Not even signable as JSON (NaN, infinity, lone surrogates,
+                # a BOM): a hostile origin signs the bytes themselves.
+                headers = gw.raw_signed_headers("PUT", TXN, body)
+                request = build_request(b"PUT", TXN, headers, body)
             resp = await gw.inbound(request)
             self.assertEqual(resp.status, 400, (name, resp.body))
             assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+
+    async def test_each_refused_body_under_a_forged_signature_is_never_parsed(self) -> None:
+        # Nobody signed these bodies: the signature check over the bytes
+        # comes first; only a body of at most 1 MiB is then read (as
+        # Synapse reads it) to check its canonical encoding, which refuses
+        # what does not parse with 400 and the rest with 401.
+        gw = await start_gateway(self)
+        for name, body in REFUSED:
+            resp = await gw.inbound(request_with_body(gw, body, {"not": "this"}))
+            self.assertIn(resp.status, (400, 401), (name, resp.body))
+            self.assertEqual(gw.upstream.requests, [], name)
+            self.assertIn(gw.last_audit()["code"], ("bad_json", "bad_signature"), name)
 
     async def test_duplicate_key_signed_last_wins_is_not_a_signature_question(self) -> None:
         """The signature over the last-wins object verifies (so a reader that

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import threads
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Match, match_target
 from sbg.matrix.groups import GROUPS
 from tests.asynctest import TestCase
@@ -141,10 +141,10 @@ def forwarded(resp: RawResponse) -> bool:
 _PARSER_REFUSES = re.compile(b"[\x00-\x20\x7f-\xff]")
 
 
-def try_match(method: bytes, target: bytes) -> Match | SbgError:
+def try_match(method: bytes, target: bytes) -> Match | Refusal:
     try:
         return match_target(method, target)
-    except SbgError as e:
+    except Refusal as e:
         return e
 
 

@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.endpoints import (
     ENDPOINTS,
     ENDPOINTS_BY_NAME,
@@ -314,12 +314,12 @@ RAW_FORMS: list[tuple[str, str, str, dict[str, str]]] = [
 ]
 
 
-def refusal(method: str, target: bytes | str) -> SbgError:
-    """The SbgError the matcher raises (fails the test if it matches)."""
+def refusal(method: str, target: bytes | str) -> Refusal:
+    """The Refusal the matcher raises (fails the test if it matches)."""
     raw = target.encode("latin-1") if isinstance(target, str) else target
     try:
         match = match_target(method.encode("ascii"), raw)
-    except SbgError as e:
+    except Refusal as e:
         return e
     raise AssertionError(f"{method} {target!r} unexpectedly matched {match.endpoint.name}")
 
@@ -494,7 +494,7 @@ class QueryTypeTests(SynchronousTestCase):
 
 def assert_refused(
     test: SynchronousTestCase, status: int, code: str, method: str, target: bytes | str
-) -> SbgError:
+) -> Refusal:
     e = refusal(method, target)
     test.assertEqual((e.status, e.errcode, e.code), (status, "M_UNRECOGNIZED", code), target)
     return e

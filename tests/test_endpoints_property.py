@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Endpoint, Match, match_target
 
 SETTINGS = settings(
@@ -290,15 +290,15 @@ def mutated_requests(draw: st.DrawFn) -> tuple[bytes, bytes]:
 # --------------------------------------------------------------------------
 
 
-def try_match(method: bytes, target: bytes) -> Match | SbgError:
+def try_match(method: bytes, target: bytes) -> Match | Refusal:
     try:
         return match_target(method, target)
-    except SbgError as e:
+    except Refusal as e:
         return e
 
 
 class AgreesWithSynapseTests(SynchronousTestCase):
-    def assertAgrees(self, method: bytes, target: bytes, result: Match | SbgError) -> None:
+    def assertAgrees(self, method: bytes, target: bytes, result: Match | Refusal) -> None:
         """An allowed target routes identically in Synapse; a 405 is a 405 there too."""
         if isinstance(result, Match):
             routed = synapse_route(method, target)
@@ -336,7 +336,7 @@ class AgreesWithSynapseTests(SynchronousTestCase):
     def test_mutated_targets(self, request: tuple[bytes, bytes]) -> None:
         method, target = request
         result = try_match(method, target)
-        if isinstance(result, SbgError):
+        if isinstance(result, Refusal):
             self.assertIn(
                 (result.status, result.code),
                 {(400, "malformed_target"), (404, "unknown_endpoint"), (405, "method_not_allowed")},

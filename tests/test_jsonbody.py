@@ -6,13 +6,13 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.jsonbody import MAX_DEPTH, parse_json_object
 
 
 class ParseTests(SynchronousTestCase):
-    def assertRefused(self, body: bytes) -> SbgError:
-        e = self.assertRaises(SbgError, parse_json_object, body)
+    def assertRefused(self, body: bytes) -> Refusal:
+        e = self.assertRaises(Refusal, parse_json_object, body)
         self.assertEqual((e.status, e.errcode, e.code), (400, "M_NOT_JSON", "bad_json"))
         return e
 

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from sbg.config.model import ExternalHomeserver, HostPattern, OutboundSettings
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.keyfetch import KeyFetcher, KeyFetchError, fetch_target
 from sbg.matrix.xmatrix import parse_authorization, sign_request, verify_request_signature
 from sbg.tls.client import ClientTLSPolicy
@@ -187,7 +187,7 @@ def signed_auth(signing_key: Any) -> Any:
 
 
 def verify_with(signing_key: Any, keys: Any) -> None:
-    """A request signed by SIGNING_KEY checked against KEYS (raises SbgError)."""
+    """A request signed by SIGNING_KEY checked against KEYS (raises Refusal)."""
     verify_request_signature(signed_auth(signing_key), "GET", b"/x", INTERNAL_SERVER, None, keys)
 
 
@@ -246,7 +246,7 @@ class FetcherTests(TestCase):
     async def test_fetch_then_verify_sni_host_and_cache(self) -> None:
         state, port = self.serve()
         server = partner(port, self.pki.ca.certificate)
-        self.assertRaises(SbgError, verify_with, self.k1, self.fetcher.keys_for(server, {}))
+        self.assertRaises(Refusal, verify_with, self.k1, self.fetcher.keys_for(server, {}))
         self.assertTrue(await self.fetcher.refresh(server, OUTBOUND))
         self.assertEqual(state.hits, 1)
         self.assertEqual(state.host_headers, [f"{PARTNER_HOST}:8448".encode()])
@@ -255,7 +255,7 @@ class FetcherTests(TestCase):
         self.assertEqual(set(keys), {key_id(self.k1)})
         verify_with(self.k1, keys)
         # Another key signing as k1 still fails: the fetched key is k1's.
-        self.assertRaises(SbgError, verify_with, generate_signing_key("k1"), keys)
+        self.assertRaises(Refusal, verify_with, generate_signing_key("k1"), keys)
 
     @deferred_test
     async def test_rotation_one_fetch_then_verifies(self) -> None:
@@ -266,7 +266,7 @@ class FetcherTests(TestCase):
 
         self.clock.now += 120
         state.rotate(self.k2, expired_ts=int(self.clock.now * 1000) - 1000)
-        with self.assertRaises(SbgError) as cm:
+        with self.assertRaises(Refusal) as cm:
             verify_with(self.k2, self.fetcher.keys_for(server, {}))
         self.assertEqual(cm.exception.code, "unknown_key")
         self.assertTrue(await self.fetcher.refresh(server, OUTBOUND))
@@ -282,7 +282,7 @@ class FetcherTests(TestCase):
         state.rotate(k3, expired_ts=0)
         self.assertFalse(await self.fetcher.refresh(server, OUTBOUND))
         self.assertEqual(state.hits, 2)
-        self.assertRaises(SbgError, verify_with, k3, self.fetcher.keys_for(server, {}))
+        self.assertRaises(Refusal, verify_with, k3, self.fetcher.keys_for(server, {}))
         # A minute after the last fetch, it may ask again.
         self.clock.now += 2
         self.assertTrue(await self.fetcher.refresh(server, OUTBOUND))
@@ -340,7 +340,7 @@ class FetcherTests(TestCase):
         pinned = {key_id(other): get_verify_key(other)}
         keys = self.fetcher.keys_for(server, pinned)
         verify_with(other, keys)
-        self.assertRaises(SbgError, verify_with, self.k1, keys)
+        self.assertRaises(Refusal, verify_with, self.k1, keys)
         # Switched to pinned by a reload: fetched keys are not used.
         self.assertEqual(dict(self.fetcher.keys_for(pinned_server, {})), {})
 
@@ -358,7 +358,7 @@ class FetcherTests(TestCase):
         self.assertFalse(await self.fetcher.refresh(server, OUTBOUND))
         self.assertEqual(state.hits, hits)
         self.assertEqual(dict(self.fetcher.keys_for(server, {})), {})
-        self.assertRaises(SbgError, verify_with, self.k1, self.fetcher.keys_for(server, {}))
+        self.assertRaises(Refusal, verify_with, self.k1, self.fetcher.keys_for(server, {}))
 
     async def _fetch_error(self, server: ExternalHomeserver) -> str:
         try:

@@ -10,7 +10,7 @@ from signedjson.sign import sign_json
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.config.model import ExternalHomeserver
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.keys import (
     MAX_KEYS_PER_RESPONSE,
     MAX_VALIDITY_MS,
@@ -79,7 +79,7 @@ class KeyRingTests(SynchronousTestCase):
         # A key pinned for another server does not make its signatures valid.
         header = sign_request(self.k2, "GET", "/x", "fetching.test", "hs-int.test", None)
         e = self.assertRaises(
-            SbgError,
+            Refusal,
             verify_request_signature,
             parse_authorization([header]),
             "GET",

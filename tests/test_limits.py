@@ -8,7 +8,7 @@ import time
 from twisted.internet import threads
 
 from sbg.config.model import RateLimit
-from sbg.policy.ratelimit import InflightBudget, RateLimiter
+from sbg.http.budgets import InflightBudget, RateLimiter
 from tests.asynctest import TestCase
 from tests.gateway import start_gateway
 

@@ -227,7 +227,7 @@ class PolicyTests(SynchronousTestCase):
     def test_no_trust(self) -> None:
         policy = ClientTLSPolicy()
         e = self.assertRaises(NoUpstreamTrust, policy.creator_for, "hs.test", None, "none")
-        self.assertEqual((e.status, e.errcode), (502, "M_UNKNOWN"))
+        self.assertIn("no CA is trusted for hs.test", str(e))
         # An empty pin list trusts nothing either (never the system roots).
         self.assertRaises(NoUpstreamTrust, policy.creator_for, "hs.test", [], "system")
         self.assertRaises(ValueError, policy.creator_for, "hs.test", None, "everything")

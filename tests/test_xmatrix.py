@@ -8,7 +8,7 @@ from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, generate_signing_key, get_verify_key
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.xmatrix import (
     XMatrixAuth,
     parse_authorization,
@@ -124,7 +124,7 @@ class GrammarTests(SynchronousTestCase):
     def test_invalid(self) -> None:
         for label, raw in self.INVALID:
             with self.subTest(label=label):
-                e = self.assertRaises(SbgError, parse_authorization, [raw])
+                e = self.assertRaises(Refusal, parse_authorization, [raw])
                 self.assertEqual(
                     (e.status, e.errcode, e.code), (401, "M_UNAUTHORIZED", "malformed_auth")
                 )
@@ -132,14 +132,14 @@ class GrammarTests(SynchronousTestCase):
     def test_missing(self) -> None:
         no_values: list[list[bytes] | None] = [None, []]
         for values in no_values:
-            e = self.assertRaises(SbgError, parse_authorization, values)
+            e = self.assertRaises(Refusal, parse_authorization, values)
             self.assertEqual((e.status, e.errcode, e.code), (401, "M_UNAUTHORIZED", "missing_auth"))
 
     def test_two_headers(self) -> None:
         one = _h(_std())[0]
         other = f"X-Matrix origin=evil.test,key={KEY},sig={SIG}".encode()
         for values in ([one, other], [one, one], [one, b"Bearer x"]):
-            e = self.assertRaises(SbgError, parse_authorization, values)
+            e = self.assertRaises(Refusal, parse_authorization, values)
             self.assertEqual((e.status, e.code), (401, "multiple_auth"))
 
 
@@ -174,7 +174,7 @@ class SignatureTests(SynchronousTestCase):
         verify_request_signature(auth, **args)  # type: ignore[arg-type]
 
     def _assert_bad(self, auth: XMatrixAuth, code: str = "bad_signature", **kw: object) -> None:
-        e = self.assertRaises(SbgError, self._verify, auth, **kw)
+        e = self.assertRaises(Refusal, self._verify, auth, **kw)
         self.assertEqual((e.status, e.errcode, e.code), (401, "M_UNAUTHORIZED", code))
 
     def test_header_shape(self) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.ids import is_server_name, server_of
 from sbg.matrix.jsonbody import parse_json_object
 from sbg.matrix.xmatrix import (
@@ -91,7 +91,7 @@ class NeverCrashTests(SynchronousTestCase):
     def test_parse_authorization_random_bytes(self, values: list[bytes]) -> None:
         try:
             auth = parse_authorization(values)
-        except SbgError as e:
+        except Refusal as e:
             self.assertEqual(e.status, 401)
             return
         self.assertTrue(is_server_name(auth.origin))
@@ -102,7 +102,7 @@ class NeverCrashTests(SynchronousTestCase):
         for raw in (text.encode(), ("X-Matrix " + text).encode()):
             try:
                 auth = parse_authorization([raw])
-            except SbgError as e:
+            except Refusal as e:
                 self.assertEqual(e.status, 401)
                 continue
             self.assertTrue(is_server_name(auth.origin))
@@ -112,7 +112,7 @@ class NeverCrashTests(SynchronousTestCase):
     def test_parse_json_object_random_bytes(self, body: bytes) -> None:
         try:
             value = parse_json_object(body)
-        except SbgError as e:
+        except Refusal as e:
             self.assertEqual((e.status, e.code), (400, "bad_json"))
             return
         self.assertIsInstance(value, dict)
@@ -122,7 +122,7 @@ class NeverCrashTests(SynchronousTestCase):
     def test_parse_json_object_json_like(self, text: str) -> None:
         try:
             value = parse_json_object(text.encode())
-        except SbgError as e:
+        except Refusal as e:
             self.assertEqual((e.status, e.code), (400, "bad_json"))
             return
         # Whatever is accepted is valid for strict re-encoding.
@@ -136,7 +136,7 @@ class NeverCrashTests(SynchronousTestCase):
                 body = encoded.encode("utf-8")
             except UnicodeEncodeError:
                 # Lone surrogates in generated text: the \\u form must be refused.
-                self.assertRaises(SbgError, parse_json_object, json.dumps(obj).encode())
+                self.assertRaises(Refusal, parse_json_object, json.dumps(obj).encode())
                 return
             self.assertEqual(parse_json_object(body), obj)
 
@@ -189,7 +189,7 @@ class GrammarModelTests(SynchronousTestCase):
         header = ("X-Matrix" + " " * spaces + text).encode()
         expected = _oracle(params)
         if expected is None:
-            e = self.assertRaises(SbgError, parse_authorization, [header])
+            e = self.assertRaises(Refusal, parse_authorization, [header])
             self.assertEqual(e.code, "malformed_auth")
         else:
             self.assertEqual(parse_authorization([header]), expected)
@@ -224,7 +224,7 @@ class RoundTripTests(SynchronousTestCase):
         )
         if origin != "a.test":
             forged = XMatrixAuth("a.test", auth.destination, auth.key_id, auth.sig)
-            with self.assertRaises(SbgError):
+            with self.assertRaises(Refusal):
                 verify_request_signature(
                     forged,
                     method,

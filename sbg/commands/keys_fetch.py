@@ -21,11 +21,11 @@ from typing import TextIO
 
 from signedjson.key import encode_verify_key_base64
 
-from sbg.errors import SbgError
 from sbg.hosts import HostParseError, format_authority, parse_authority, server_name_authority
 from sbg.matrix.jsonbody import parse_json_object
 from sbg.matrix.keyfetch import DEFAULT_KEY_PORT, FETCH_TIMEOUT, KEY_PATH, MAX_RESPONSE_SIZE
 from sbg.matrix.keys import KeyResponseError, validate_key_response
+from sbg.reasons import Refusal
 
 _PREFIX = "sbg keys fetch: "
 
@@ -149,7 +149,7 @@ def _fetch(server_name: str, host: str | None, ca: str | None) -> str:
     body = _get(connect, name_host, format_authority(name_host, name_port), ctx)
     try:
         parsed = parse_json_object(body)
-    except SbgError as e:
+    except Refusal as e:
         raise _Failed(f"{where}: {e.reason.replace('body', 'response')}")
     try:
         return _yaml_block(server_name, where, parsed, int(time.time() * 1000))

@@ -90,6 +90,7 @@ _LIMITS_KEYS = (
     "max_tunnels",
     "header_timeout",
     "rate_limit_per_ip",
+    "max_buffered_bytes",
 )
 _RATE_LIMIT_KEYS = ("per_second", "burst")
 MODES = ("enforce", "monitor")
@@ -106,7 +107,9 @@ _OUTBOUND_KEYS = (
 )
 _TLS_KEYS = ("certificate", "private_key")
 _PROXY_AUTH_KEYS = ("username", "password_file")
-_NON_MATRIX_KEYS = ("host", "port", "path")
+_NON_MATRIX_KEYS = ("host", "port", "path", "methods")
+NON_MATRIX_METHODS = ("GET", "POST", "PUT")
+_HTTP_METHOD = re.compile(r"[A-Z]+")
 _INTERNAL_KEYS = ("server_name", "federation_hosts", "upstream", "upstream_ca", "tls")
 _EXTERNAL_KEYS = (
     "server_name",
@@ -832,10 +835,29 @@ class _Reader:
                     regex = re.compile(source)
                 except (re.error, RecursionError, OverflowError) as e:
                     self.error(key_path(item_path, "path"), f"not a valid regular expression: {e}")
+            methods = self.methods(entry, item_path)
             if host is not None and port is not None and regex is not None:
-                result.append(model.NonMatrixURL(host=host, port=port, path=regex))
+                result.append(model.NonMatrixURL(host=host, port=port, path=regex, methods=methods))
                 self.non_matrix_paths.append(key_path(item_path, "host"))
         return tuple(result)
+
+    def methods(self, entry: Mapping[str, object], path: str) -> frozenset[str]:
+        """An allowed URL's `methods` (default GET, POST, PUT), upper case."""
+        if entry.get("methods") is None:
+            return frozenset(NON_MATRIX_METHODS)
+        result = set()
+        items = self.items(entry, "methods", path)
+        if not items:
+            self.error(key_path(path, "methods"), "must list at least one method")
+        for item_path, item in items:
+            text = self.string_value(item, item_path, required=True)
+            if text is None:
+                continue
+            if not _HTTP_METHOD.fullmatch(text.upper()) or text.upper() == "CONNECT":
+                self.error(item_path, f"not an HTTP method: {text!r}")
+                continue
+            result.add(text.upper())
+        return frozenset(result) or frozenset(NON_MATRIX_METHODS)
 
     def internal_homeservers(
         self, top: Mapping[str, object]
@@ -1088,6 +1110,7 @@ class _Reader:
             rate_limit_per_ip=self.rate_limit(
                 m.get("rate_limit_per_ip"), key_path("limits", "rate_limit_per_ip")
             ),
+            max_buffered_bytes=self.size(m, "max_buffered_bytes", "limits", d.max_buffered_bytes),
         )
 
     def groups(self, m: Mapping[str, object], key: str, path: str) -> frozenset[str]:

@@ -76,9 +76,12 @@ class ProxyAuth:
 
 @dataclass(frozen=True)
 class NonMatrixURL:
+    """An `allowed_non_matrix_urls` entry: HTTPS the homeservers may reach."""
+
     host: str
     port: int
     path: re.Pattern[str]
+    methods: frozenset[str] = frozenset({"GET", "POST", "PUT"})
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class Limits:
     max_tunnels: int = 4096  # open outbound CONNECT tunnels
     header_timeout: float = 30.0  # to receive a whole request (slowloris)
     rate_limit_per_ip: RateLimit | None = None  # inbound, per peer address
+    # Request bodies held in memory at once (both directions); beyond it 503.
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)

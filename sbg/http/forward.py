@@ -20,7 +20,6 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 
-from sbg.errors import SbgError
 from sbg.http.upstream import UpstreamClosed, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
@@ -326,7 +325,16 @@ class ClientGone(Exception):
     """The client went away before the upstream answered."""
 
 
-class UpstreamError(SbgError):
+class UpstreamError(Exception):
+    """The upstream failed an allowed request: 502 or 504 `M_UNKNOWN`.
+
+    Not a refusal: it counts in `sbg_upstream_errors_total{reason}`, and
+    its audit record's code is `upstream_` + that reason.
+    """
+
     def __init__(self, status: int, metric_reason: str, text: str) -> None:
-        super().__init__(status, "M_UNKNOWN", text, "upstream_" + metric_reason)
+        super().__init__(text)
+        self.status = status
+        self.reason = text
         self.metric_reason = metric_reason
+        self.code = "upstream_" + metric_reason

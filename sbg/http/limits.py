@@ -14,19 +14,23 @@ from typing import Any
 from twisted.internet.interfaces import IAddress
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
+from sbg import reasons
 from sbg.config.model import Limits
+from sbg.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
 
 class LimitedFactory(WrappingFactory):
+    """A listener's factory behind connection limits (checked at accept)."""
+
     noisy = False
 
     def __init__(
         self,
         wrapped: Any,
         limits: Callable[[], Limits],
-        on_refused: Callable[[str], None] | None = None,
+        on_refused: Callable[[Reason], None] | None = None,
     ) -> None:
         super().__init__(wrapped)
         self._limits = limits
@@ -39,9 +43,9 @@ class LimitedFactory(WrappingFactory):
         limits = self._limits()
         host = str(getattr(addr, "host", ""))
         if self._total >= limits.max_connections:
-            return self._refuse("max_connections", host)
+            return self._refuse(reasons.MAX_CONNECTIONS, host)
         if self._per_ip.get(host, 0) >= limits.max_connections_per_ip:
-            return self._refuse("max_connections_per_ip", host)
+            return self._refuse(reasons.MAX_CONNECTIONS_PER_IP, host)
         self._total += 1
         self._per_ip[host] = self._per_ip.get(host, 0) + 1
         protocol = super().buildProtocol(addr)
@@ -51,8 +55,8 @@ class LimitedFactory(WrappingFactory):
         self._peers[protocol] = host
         return protocol
 
-    def _refuse(self, reason: str, host: str) -> None:
-        logger.warning("connection from %s refused: %s reached", host, reason)
+    def _refuse(self, reason: Reason, host: str) -> None:
+        logger.warning("connection from %s refused: %s reached", host, reason.code)
         if self._on_refused is not None:
             self._on_refused(reason)
         return None

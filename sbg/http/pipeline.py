@@ -1,8 +1,11 @@
 """The frame every request goes through, in both directions.
 
-A subclass decides and carries out (`process`); this class turns a refusal
-into its Matrix error, an unexpected exception into a logged 500, and always
-writes exactly one audit record and the metrics for it.
+A subclass gathers facts, asks the pure deciders (`sbg.policy`) and carries
+out what they decide: `decide_head` once the head is in, `process` once the
+body is. This class answers a refusal with its Matrix error (before the
+body when the head decided it), turns an unexpected exception into a
+logged 500, and writes exactly one audit record and the metrics for every
+request, refused ones included.
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from sbg import reasons
 from sbg.audit import AuditLog, AuditRecord, path_for_log
-from sbg.errors import SbgError
+from sbg.http.budgets import BodyBudget
 from sbg.http.forward import ClientGone, ForwardResult, UpstreamError
-from sbg.http.site import BorderRequest, send_error
+from sbg.http.site import BorderRequest, send_json
 from sbg.metrics import UNKNOWN, Metrics
+from sbg.policy.decision import Decision
+from sbg.reasons import Direction, Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +37,11 @@ class RequestContext:
     record: AuditRecord
     # The configured external server this request is about (metric label).
     server: str = UNKNOWN
-    # Refusal codes monitor mode let through (counted, logged as would_deny).
-    would_deny: list[str] = field(default_factory=list)
+    # Refusals monitor mode let through (counted, logged as would_deny).
+    would_deny: list[Refusal] = field(default_factory=list)
+    done: bool = False
+    # The handler's own, from the head decision to `process`.
+    data: Any = None
 
     def record_result(self, result: ForwardResult) -> None:
         """What the upstream answered, for the audit record."""
@@ -39,11 +49,6 @@ class RequestContext:
         self.record.bytes_out = result.bytes_out
         if not result.complete:
             self.record.reason = "response body cut short"
-
-    def allow(self) -> None:
-        """The request is forwarded (a would_deny decision stays one)."""
-        if not self.would_deny:
-            self.record.decision = "allow"
 
 
 class InflightTracker:
@@ -75,18 +80,109 @@ class InflightTracker:
 
 
 class Pipeline(abc.ABC):
-    direction: str = "inbound"
+    """One listener's (or tunnel's) requests: decide, carry out, audit."""
 
-    def __init__(self, audit: AuditLog, metrics: Metrics, tracker: InflightTracker) -> None:
+    direction: Direction = "inbound"
+
+    def __init__(
+        self, audit: AuditLog, metrics: Metrics, tracker: InflightTracker, budget: BodyBudget
+    ) -> None:
         self._audit = audit
         self._metrics = metrics
         self._tracker = tracker
+        self._budget = budget
         self._inflight = metrics.inflight.labels(self.direction)
         self._duration = metrics.duration.labels(self.direction)
 
+    # -- what subclasses provide -------------------------------------------
+
+    @abc.abstractmethod
+    def header_timeout(self) -> float: ...
+
+    @abc.abstractmethod
+    def decide_head(self, request: BorderRequest, ctx: RequestContext) -> None:
+        """Decide on the head (raise `Refusal`), accept the body it may have."""
+
+    @abc.abstractmethod
+    async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
+        """Decide on the body (raise `Refusal`) and forward the request."""
+
+    def peer(self, request: BorderRequest) -> str:
+        return request.peer_host()
+
+    # -- the RequestHandler side (sbg.http.site) ---------------------------
+
+    def head(self, request: BorderRequest) -> None:
+        record = AuditRecord(
+            direction=self.direction,
+            peer=self.peer(request),
+            method=request.head_method.decode("latin-1")[:32],
+            path=path_for_log(request.head_target),
+        )
+        ctx = RequestContext(record)
+        request.state = ctx
+        self._inflight.inc()
+        self._tracker.enter()
+        if self._tracker.draining and request.channel is not None:
+            request.channel.persistent = False
+        try:
+            if request.bad_framing:
+                raise Refusal(reasons.MALFORMED_REQUEST, "ambiguous message framing")
+            self.decide_head(request, ctx)
+        except Refusal as refusal:
+            self._deny(ctx, refusal)
+            record.bytes_out = self._answer_early(request, refusal)
+            self._finish(request, ctx)
+        except Exception:
+            logger.exception("unexpected error deciding on %s %s", record.method, record.path)
+            self._internal_error(ctx)
+            request.refuse_early(500, "M_UNKNOWN", "internal error")
+            self._finish(request, ctx)
+
     def handle(self, request: BorderRequest) -> None:
-        d = defer.ensureDeferred(self._run(request))
+        ctx = request.state
+        assert isinstance(ctx, RequestContext)
+        d = defer.ensureDeferred(self._run(request, ctx))
         d.addErrback(self._crash, request)
+
+    def refused(self, request: BorderRequest | None, peer: str, refusal: Refusal) -> None:
+        """A refusal answered by the HTTP layer itself (a body too large or
+        over the budget, a malformed head, a request too slow to arrive)."""
+        ctx = request.state if request is not None else None
+        if not isinstance(ctx, RequestContext):
+            record = AuditRecord(
+                direction=self.direction,
+                peer=peer,
+                method=request.head_method.decode("latin-1")[:32] if request else "-",
+                path=path_for_log(request.head_target) if request else "-",
+            )
+            ctx = RequestContext(record)
+            self._deny(ctx, refusal)
+            self._emit(request, ctx)
+            return
+        if ctx.done:
+            return
+        self._deny(ctx, refusal)
+        self._finish(request, ctx)
+
+    def apply(self, ctx: RequestContext, decision: Decision) -> None:
+        """Carry out a decision: raise its refusal, or note what monitor
+        mode softened (a `would_deny` record, and a refusal counted)."""
+        if decision.refusal is not None:
+            raise decision.refusal
+        for refusal in decision.would_deny:
+            ctx.would_deny.append(refusal)
+            ctx.record.decision = "would_deny"
+            ctx.record.reason = refusal.reason
+            ctx.record.code = refusal.code
+            self._metrics.refusals.labels(self.direction, ctx.server, refusal.code).inc()
+
+    def allow(self, ctx: RequestContext) -> None:
+        """The request is forwarded (a would_deny decision stays one)."""
+        if not ctx.would_deny:
+            ctx.record.decision = "allow"
+
+    # -- internals ---------------------------------------------------------
 
     def _crash(self, failure: Failure, request: BorderRequest) -> None:
         logger.error("request handling failed: %s", failure.getTraceback())
@@ -94,46 +190,34 @@ class Pipeline(abc.ABC):
             request.setResponseCode(500)
             request.finish()
 
-    @abc.abstractmethod
-    async def process(self, request: BorderRequest, ctx: RequestContext) -> None:
-        """Decide on `request` (raising `SbgError` to refuse) and forward it."""
+    def _deny(self, ctx: RequestContext, refusal: Refusal) -> None:
+        record = ctx.record
+        record.decision = "deny"
+        record.status = refusal.answer(self.direction)[0]
+        record.reason = refusal.reason
+        record.code = refusal.code
+        if refusal.kind.counted:
+            self._metrics.refusals.labels(self.direction, ctx.server, refusal.code).inc()
 
-    def soft_refusal(self, ctx: RequestContext, err: SbgError, mode: str) -> None:
-        """A trust-level or origin-consistency refusal, which monitor mode
-        turns into a logged and counted `would_deny` that lets the request
-        through. Authentication refusals never come here."""
-        if mode != "monitor":
-            raise err
-        ctx.would_deny.append(err.code)
-        ctx.record.decision = "would_deny"
-        ctx.record.reason = err.reason
-        ctx.record.code = err.code
-        self._metrics.refusals.labels(self.direction, ctx.server, err.code).inc()
+    def _internal_error(self, ctx: RequestContext) -> None:
+        self._deny(ctx, Refusal(reasons.INTERNAL_ERROR, "internal error"))
 
-    def peer(self, request: BorderRequest) -> str:
-        return request.peer_host()
-
-    async def _run(self, request: BorderRequest) -> None:
-        record = AuditRecord(
-            direction="inbound" if self.direction == "inbound" else "outbound",
-            peer=self.peer(request),
-            method=request.method.decode("latin-1")[:32],
-            path=path_for_log(request.uri),
-            bytes_in=request.bytes_in,
+    def _answer_early(self, request: BorderRequest, refusal: Refusal) -> int:
+        status, errcode = refusal.answer(self.direction)
+        return request.refuse_early(
+            status, errcode, refusal.reason, retry_after=refusal.kind is reasons.BUFFER_FULL
         )
-        ctx = RequestContext(record)
-        inflight = self._inflight
-        inflight.inc()
-        self._tracker.enter()
-        if self._tracker.draining and request.channel is not None:
-            request.channel.persistent = False
+
+    def _answer(self, request: BorderRequest, refusal: Refusal) -> int:
+        status, errcode = refusal.answer(self.direction)
+        body: dict[str, object] = {"errcode": errcode, "error": refusal.reason}
+        if refusal.retry_after_ms is not None:
+            body["retry_after_ms"] = refusal.retry_after_ms
+        return send_json(request, status, body)
+
+    async def _run(self, request: BorderRequest, ctx: RequestContext) -> None:
+        record = ctx.record
         try:
-            if request.bad_framing:
-                if request.channel is not None:
-                    request.channel.persistent = False
-                raise SbgError(
-                    400, "M_UNRECOGNIZED", "ambiguous message framing", "malformed_request"
-                )
             await self.process(request, ctx)
         except UpstreamError as e:
             self._metrics.upstream_errors.labels(self.direction, e.metric_reason).inc()
@@ -142,32 +226,39 @@ class Pipeline(abc.ABC):
             record.code = e.code
             # The request was allowed; the upstream failed it.
             record.decision = "allow"
-            record.bytes_out = send_error(request, e)
-        except SbgError as e:
-            record.decision = "deny"
-            record.status = e.status
-            record.reason = e.reason
-            record.code = e.code
-            self._metrics.refusals.labels(self.direction, ctx.server, e.code).inc()
-            retry = getattr(e, "retry_after_ms", None)
-            extra = {"retry_after_ms": retry} if isinstance(retry, int) else None
-            record.bytes_out = send_error(request, e, extra)
+            record.bytes_out = send_json(
+                request, e.status, {"errcode": "M_UNKNOWN", "error": e.reason}
+            )
+        except Refusal as refusal:
+            self._deny(ctx, refusal)
+            record.bytes_out = self._answer(request, refusal)
         except ClientGone:
             record.status = 499
             record.reason = record.reason or "client went away"
         except Exception:
             logger.exception("unexpected error handling %s %s", record.method, record.path)
-            record.decision = "deny"
-            record.status = 500
-            record.reason = "internal error"
-            send_error(request, SbgError(500, "M_UNKNOWN", "internal error", "internal_error"))
+            self._internal_error(ctx)
+            send_json(request, 500, {"errcode": "M_UNKNOWN", "error": "internal error"})
         finally:
-            inflight.dec()
-            self._tracker.leave()
+            request.release_body()
+            self._finish(request, ctx)
+
+    def _finish(self, request: BorderRequest | None, ctx: RequestContext) -> None:
+        if ctx.done:
+            return
+        ctx.done = True
+        self._inflight.dec()
+        self._tracker.leave()
+        self._emit(request, ctx)
+
+    def _emit(self, request: BorderRequest | None, ctx: RequestContext) -> None:
+        record = ctx.record
+        if request is not None:
+            record.bytes_in = request.bytes_in
             elapsed = request.elapsed_ms()
             record.duration_ms = elapsed
             self._duration.observe(elapsed / 1000.0)
-            self._metrics.count_request(
-                self.direction, ctx.server, record.group or UNKNOWN, record.decision
-            )
-            self._audit.emit(record)
+        self._metrics.count_request(
+            self.direction, ctx.server, record.group or UNKNOWN, record.decision
+        )
+        self._audit.emit(record)

@@ -20,8 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from sbg.errors import SbgError
+from sbg import reasons
 from sbg.matrix.groups import GROUPS
+from sbg.reasons import Refusal
 
 # --------------------------------------------------------------------------
 # The table
@@ -351,14 +352,12 @@ _CONTROL_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_BYTES = re.compile(b"[\x00-\x1f\x7f]")
 
 
-def _malformed(reason: str) -> SbgError:
-    return SbgError(
-        400, "M_UNRECOGNIZED", f"malformed request target: {reason}", "malformed_target"
-    )
+def _malformed(reason: str) -> Refusal:
+    return Refusal(reasons.MALFORMED_TARGET, f"malformed request target: {reason}")
 
 
-def _unknown(reason: str) -> SbgError:
-    return SbgError(404, "M_UNRECOGNIZED", reason, "unknown_endpoint")
+def _unknown(reason: str) -> Refusal:
+    return Refusal(reasons.UNKNOWN_ENDPOINT, reason)
 
 
 def _unescape(raw: bytes) -> bytes:
@@ -394,7 +393,27 @@ def _decode_segment(raw: bytes) -> str:
     return value
 
 
-def _refuse_unknown(segments: list[bytes], reason: str) -> SbgError:
+def check_dot_segments(target: bytes) -> None:
+    """The hygiene every forwarded target gets, also outside the endpoint
+    table (`allowed_non_matrix_urls`): origin-form, visible ASCII, no
+    fragment, and no `.` or `..` path segment (also percent-encoded).
+
+    Raises:
+        Refusal: 400 `malformed_target`.
+    """
+    if not target.startswith(b"/"):
+        raise _malformed("only origin-form targets (starting with '/') are accepted")
+    if target.translate(None, _TARGET_BYTES):
+        if b"#" in target:
+            raise _malformed("a fragment ('#') is not allowed")
+        raise _malformed("space, control or non-ASCII byte")
+    path = target.partition(b"?")[0]
+    for raw in path[1:].split(b"/"):
+        if raw and (raw in (b".", b"..") or (b"%" in raw and _decode_segment(raw) in (".", ".."))):
+            raise _malformed("'.' and '..' segments are not allowed")
+
+
+def _refuse_unknown(segments: list[bytes], reason: str) -> Refusal:
     """The 404 refusal, unless a segment makes the target malformed (400)."""
     for raw in segments:
         _decode_segment(raw)
@@ -407,7 +426,7 @@ def match_target(method: bytes, target: bytes) -> Match:
     HEAD is matched as GET. The query string is validated but never matched.
 
     Raises:
-        SbgError: 400 `malformed_target` for a malformed target, 404
+        Refusal: 400 `malformed_target` for a malformed target, 404
             `unknown_endpoint` for a target no entry matches, 405
             `method_not_allowed` when the path matches only other methods.
     """
@@ -457,10 +476,7 @@ def match_target(method: bytes, target: bytes) -> Match:
     endpoint = node.methods.get("GET" if method == b"HEAD" else method.decode("latin-1"))
     if endpoint is None:
         allowed = ", ".join(sorted(node.methods))
-        raise SbgError(
-            405,
-            "M_UNRECOGNIZED",
-            f"method not allowed for this endpoint (allowed: {allowed})",
-            "method_not_allowed",
+        raise Refusal(
+            reasons.METHOD_NOT_ALLOWED, f"method not allowed for this endpoint (allowed: {allowed})"
         )
     return Match(endpoint, MappingProxyType(params), path)

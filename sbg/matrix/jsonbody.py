@@ -20,7 +20,8 @@ import re
 from itertools import accumulate
 from typing import Any, NoReturn
 
-from sbg.errors import SbgError
+from sbg import reasons
+from sbg.reasons import Refusal
 
 MAX_DEPTH = 64
 
@@ -33,7 +34,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _refuse(reason: str) -> NoReturn:
-    raise SbgError(400, "M_NOT_JSON", reason, "bad_json")
+    raise Refusal(reasons.BAD_JSON, reason)
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     """Parse a request body that must be a strict JSON object.
 
     Raises:
-        SbgError: 400 `M_NOT_JSON`, code `bad_json`, for anything else.
+        Refusal: 400 `M_NOT_JSON`, code `bad_json`, for anything else.
     """
     if body.startswith(b"\xef\xbb\xbf"):
         _refuse("body starts with a byte order mark")

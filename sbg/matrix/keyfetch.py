@@ -44,12 +44,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from sbg.config.model import ExternalHomeserver, OutboundSettings
-from sbg.errors import SbgError
 from sbg.hosts import HostParseError, format_authority, server_name_authority
 from sbg.matrix.jsonbody import parse_json_object
 from sbg.matrix.keys import KeyResponseError, validate_key_response
 from sbg.outbound.chain import HTTPConnectEndpoint
-from sbg.tls.client import ClientTLSPolicy
+from sbg.reasons import Refusal
+from sbg.tls.client import ClientTLSPolicy, NoUpstreamTrust
 from sbg.tls.pem import PemError
 
 if TYPE_CHECKING:
@@ -252,6 +252,17 @@ class KeyFetcher:
 
     # -- fetching ------------------------------------------------------------
 
+    def may_refresh(self, server: ExternalHomeserver) -> bool:
+        """Whether `refresh` would fetch (or join a fetch) now: a
+        `key_fetch: fetch` server not tried within `min_interval`."""
+        if server.key_fetch != "fetch":
+            return False
+        name = server.server_name
+        if name in self._waiters:
+            return True
+        last = self._last_attempt.get(name)
+        return last is None or self._clock() - last >= self._min_interval
+
     def refresh(
         self, server: ExternalHomeserver, outbound: OutboundSettings
     ) -> defer.Deferred[bool]:
@@ -332,13 +343,13 @@ class KeyFetcher:
             body = await d
         except KeyFetchError as e:
             raise KeyFetchError(f"{authority}: {e}")
-        except (SbgError, PemError) as e:
+        except (NoUpstreamTrust, PemError) as e:
             raise KeyFetchError(f"{authority}: {e}")
         except Exception:
             raise KeyFetchError(f"{authority}: {_describe(Failure())}")
         try:
             parsed = parse_json_object(body)
-        except SbgError as e:
+        except Refusal as e:
             raise KeyFetchError(f"{authority}: {e.reason}")
         try:
             return validate_key_response(parsed, server.server_name, self._now_ms())

@@ -38,21 +38,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 
-from sbg.errors import SbgError
+from sbg import reasons
 from sbg.matrix.ids import server_of
-
-ORIGIN_REFUSAL_CODES = frozenset(
-    {
-        "origin_mismatch",
-        "pdu_sender_mismatch",
-        "untrusted_relayed_sender",
-        "edu_user_mismatch",
-        "to_device_sender_mismatch",
-        "membership_user_mismatch",
-        "impersonates_internal_user",
-        "malformed_content",
-    }
-)
+from sbg.reasons import Reason, Refusal
 
 _RELAYED_MEMBERSHIPS = frozenset({"join", "leave", "knock"})
 _MAX_SHOWN = 80
@@ -64,13 +52,12 @@ def _show(value: object) -> str:
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
-def _refuse(reason: str, code: str) -> NoReturn:
-    assert code in ORIGIN_REFUSAL_CODES
-    raise SbgError(403, "M_FORBIDDEN", reason, code)
+def _refuse(detail: str, reason: Reason) -> NoReturn:
+    raise Refusal(reason, detail)
 
 
 def _malformed(what: str) -> NoReturn:
-    _refuse(f"malformed request body: {what}", "malformed_content")
+    _refuse(f"malformed request body: {what}", reasons.MALFORMED_CONTENT)
 
 
 class _Check:
@@ -88,7 +75,7 @@ class _Check:
             _malformed(f"{what} is not a user id: {_show(user_id)}")
         return server
 
-    def own(self, user_id: object, what: str, code: str) -> None:
+    def own(self, user_id: object, what: str, reason: Reason) -> None:
         """Refuse unless `user_id` belongs to the origin."""
         server = self.user_server(user_id, what)
         if server == self.origin:
@@ -96,9 +83,9 @@ class _Check:
         if server in self.internal:
             _refuse(
                 f"{self.origin} may not speak for internal user {_show(user_id)} ({what})",
-                "impersonates_internal_user",
+                reasons.IMPERSONATES_INTERNAL_USER,
             )
-        _refuse(f"{what} {_show(user_id)} does not belong to {self.origin}", code)
+        _refuse(f"{what} {_show(user_id)} does not belong to {self.origin}", reason)
 
 
 def _obj(value: object, what: str) -> Mapping[str, Any]:
@@ -140,12 +127,12 @@ def _check_pdu(check: _Check, pdu: object, index: int) -> None:
     if server == check.origin:
         return
     if not _is_relayed_shape(pdu):
-        check.own(sender, what, "pdu_sender_mismatch")
+        check.own(sender, what, reasons.PDU_SENDER_MISMATCH)
     if server not in check.internal and server not in check.external:
         _refuse(
             f"untrusted relayed sender {_show(sender)} in pdus[{index}]: "
             f"{_show(server)} is not a known server",
-            "untrusted_relayed_sender",
+            reasons.UNTRUSTED_RELAYED_SENDER,
         )
 
 
@@ -190,7 +177,7 @@ def _check_edu(check: _Check, edu: object, index: int) -> None:
         check.own(
             content.get("sender"),
             f"sender of {edu_type} edus[{index}]",
-            "to_device_sender_mismatch",
+            reasons.TO_DEVICE_SENDER_MISMATCH,
         )
         return
     users = _EDU_USERS.get(edu_type)
@@ -198,7 +185,7 @@ def _check_edu(check: _Check, edu: object, index: int) -> None:
         return
     content = _obj(edu.get("content"), f"content of edus[{index}]")
     for user_id in users(content):
-        check.own(user_id, f"user of {edu_type} edus[{index}]", "edu_user_mismatch")
+        check.own(user_id, f"user of {edu_type} edus[{index}]", reasons.EDU_USER_MISMATCH)
 
 
 def _check_transaction(check: _Check, content: Mapping[str, Any]) -> None:
@@ -208,7 +195,7 @@ def _check_transaction(check: _Check, content: Mapping[str, Any]) -> None:
     if txn_origin != check.origin:
         _refuse(
             f"transaction origin {_show(txn_origin)} is not the signing server {check.origin}",
-            "origin_mismatch",
+            reasons.ORIGIN_MISMATCH,
         )
     for i, pdu in enumerate(_list(content, "pdus")):
         _check_pdu(check, pdu, i)
@@ -226,19 +213,19 @@ def _send(check: _Check, params: Mapping[str, str], content: Mapping[str, Any] |
 
 
 def _make(check: _Check, params: Mapping[str, str], content: Mapping[str, Any] | None) -> None:
-    check.own(params.get("userId"), "userId", "membership_user_mismatch")
+    check.own(params.get("userId"), "userId", reasons.MEMBERSHIP_USER_MISMATCH)
 
 
 def _event_body(
     check: _Check, params: Mapping[str, str], content: Mapping[str, Any] | None
 ) -> None:
     event = _obj(content, "event")
-    check.own(event.get("sender"), "event sender", "membership_user_mismatch")
+    check.own(event.get("sender"), "event sender", reasons.MEMBERSHIP_USER_MISMATCH)
 
 
 def _invite_v2(check: _Check, params: Mapping[str, str], content: Mapping[str, Any] | None) -> None:
     event = _obj(_obj(content, "invite").get("event"), "invite event")
-    check.own(event.get("sender"), "invite sender", "membership_user_mismatch")
+    check.own(event.get("sender"), "invite sender", reasons.MEMBERSHIP_USER_MISMATCH)
 
 
 _Rule = Callable[[_Check, Mapping[str, str], Mapping[str, Any] | None], None]
@@ -286,7 +273,7 @@ def check_origin_consistency(
         external_servers: the enabled external homeservers' server names.
 
     Raises:
-        SbgError: 403 `M_FORBIDDEN` with a code from `ORIGIN_REFUSAL_CODES`.
+        Refusal: 403 `M_FORBIDDEN` with a code from `ORIGIN_REFUSAL_CODES`.
     """
     rule = _RULES.get(endpoint_name)
     if rule is not None:

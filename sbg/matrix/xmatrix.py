@@ -21,24 +21,28 @@ every header it accepts means the same thing to both (federation-notes 1.1):
   `ed25519:` key id and `sig` base64 (standard alphabet, unpadded or
   padded) of 64 bytes; `origin`, `key` and `sig` are required.
 
-Every refusal is a 401 `M_UNAUTHORIZED` `SbgError`.
+Every refusal is a 401 `M_UNAUTHORIZED` `Refusal`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from canonicaljson import encode_canonical_json
-from nacl.exceptions import BadSignatureError
-from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from signedjson.sign import sign_json
 
-from sbg.errors import SbgError
+from sbg import reasons
 from sbg.matrix.ids import is_key_id, is_server_name
+from sbg.reasons import Refusal
 
 if TYPE_CHECKING:
     from signedjson.types import SigningKey, VerifyKey
@@ -73,8 +77,8 @@ class XMatrixAuth:
     sig: str
 
 
-def _malformed(reason: str) -> SbgError:
-    return SbgError(401, "M_UNAUTHORIZED", f"malformed X-Matrix header: {reason}", "malformed_auth")
+def _malformed(reason: str) -> Refusal:
+    return Refusal(reasons.MALFORMED_AUTH, f"malformed X-Matrix header: {reason}")
 
 
 def _params(text: str) -> dict[str, str]:
@@ -112,13 +116,13 @@ def parse_authorization(values: Sequence[bytes] | None) -> XMatrixAuth:
         values: every raw `Authorization` value, as `getRawHeaders` gives.
 
     Raises:
-        SbgError: 401 `M_UNAUTHORIZED` with code `missing_auth`,
+        Refusal: 401 `M_UNAUTHORIZED` with code `missing_auth`,
             `multiple_auth` or `malformed_auth`.
     """
     if not values:
-        raise SbgError(401, "M_UNAUTHORIZED", "missing X-Matrix authorization", "missing_auth")
+        raise Refusal(reasons.MISSING_AUTH, "missing X-Matrix authorization")
     if len(values) != 1:
-        raise SbgError(401, "M_UNAUTHORIZED", "more than one Authorization header", "multiple_auth")
+        raise Refusal(reasons.MULTIPLE_AUTH, "more than one Authorization header")
     try:
         text = values[0].decode("ascii")
     except UnicodeDecodeError:
@@ -170,32 +174,96 @@ def signed_request_json(
     return obj
 
 
-def signed_bytes_with_raw_body(
-    method: str, uri: str, origin: str, destination: str, body: bytes
-) -> bytes:
-    """The signed object's encoding with `content` spliced in as received.
+# What the signed object's encoding starts with when it has a body: the
+# body is received after these bytes (`sbg.http.body.BodyBuffer`).
+CONTENT_PREFIX = b'{"content":'
+# A body whose signature does not verify over its own bytes is parsed and
+# canonically re-encoded (for a sender of non-canonical JSON) only up to
+# this size: beyond it, that work is what a forger would make sbg do.
+CANONICAL_FALLBACK_MAX = 1024 * 1024
 
-    Synapse sends request bodies as canonical JSON, so for its requests this
-    is exactly the canonical encoding of `signed_request_json(...)` (the keys
-    `content` < `destination` < `method` < `origin` < `uri` are in order),
-    without parsing the body again or encoding it.
+
+def signed_suffix(method: str, uri: str, origin: str, destination: str) -> bytes:
+    """What follows the content in the signed object's canonical encoding.
+
+    The keys `content` < `destination` < `method` < `origin` < `uri` are in
+    canonical order, so `CONTENT_PREFIX + body + signed_suffix(...)` is the
+    canonical encoding of `signed_request_json(...)` whenever the body is
+    itself canonical JSON, as Synapse sends it.
     """
     rest = encode_canonical_json(
         {"destination": destination, "method": method, "origin": origin, "uri": uri}
     )
-    return b'{"content":' + body + b"," + rest[1:]
+    return b"," + rest[1:]
 
 
-def _verifies(key: VerifyKey, message: bytes, sig: bytes) -> bool:
+def signed_bytes_with_raw_body(
+    method: str, uri: str, origin: str, destination: str, body: bytes
+) -> bytes:
+    """The signed object's encoding with `content` spliced in as received."""
+    return CONTENT_PREFIX + body + signed_suffix(method, uri, origin, destination)
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _verifies(key: VerifyKey, message: bytes | bytearray, sig: bytes) -> bool:
+    """Whether `sig` is `key`'s ed25519 signature of `message`.
+
+    Checked with `cryptography` over the buffer as it is: PyNaCl's `verify`
+    would first copy the signature and the message into a new string, and
+    the message can be a 16 MiB body.
+    """
+    if len(sig) != _SIG_LENGTH:
+        return False
+    public = _public_key(bytes(key))
     try:
-        key.verify(message, sig)
-    except (BadSignatureError, ValueError, TypeError):
+        try:
+            public.verify(sig, message)
+        except TypeError:
+            # cryptography before 39 (Debian 12's 38) takes only bytes.
+            public.verify(sig, bytes(message))
+    except InvalidSignature:
         return False
     return True
 
 
-def _bad_signature(reason: str) -> SbgError:
-    return SbgError(401, "M_UNAUTHORIZED", reason, "bad_signature")
+def _bad_signature(reason: str) -> Refusal:
+    return Refusal(reasons.BAD_SIGNATURE, reason)
+
+
+def _key_for(auth: XMatrixAuth, keys: Mapping[str, VerifyKey]) -> VerifyKey:
+    key = keys.get(auth.key_id)
+    if key is None:
+        raise Refusal(reasons.UNKNOWN_KEY, f"no known key {auth.key_id} for {auth.origin}")
+    return key
+
+
+def _target_text(uri: bytes) -> str:
+    try:
+        return uri.decode("ascii")
+    except UnicodeDecodeError:
+        raise _bad_signature("request target is not ASCII") from None
+
+
+def _verify_canonical(
+    auth: XMatrixAuth,
+    key: VerifyKey,
+    method: str,
+    uri_text: str,
+    destination: str,
+    content: object | None,
+) -> None:
+    signed = signed_request_json(method, uri_text, auth.origin, destination, content)
+    try:
+        message = encode_canonical_json(signed)
+    except (ValueError, TypeError):
+        # NaN, a lone surrogate: nothing canonical can have been signed.
+        raise Refusal(reasons.BAD_JSON, "body cannot be encoded as canonical JSON") from None
+    if not _verifies(key, message, _decode_sig(auth.sig)):
+        raise _bad_signature(f"signature by {auth.origin} {auth.key_id} does not verify")
 
 
 def verify_request_signature(
@@ -217,42 +285,75 @@ def verify_request_signature(
             the header says, like Synapse).
         content: the parsed JSON body, or None when there is none.
         keys: the origin's usable keys by key id (signedjson verify keys).
-        body: the raw body `content` was strictly parsed from (one JSON
-            object, nothing else), if any. A signature over the request
-            with these very bytes as its content is checked first: it is
-            the canonical encoding whenever the sender sent canonical JSON
-            (Synapse does), and either way it proves the origin's key signed
-            this destination, method, target and body. Otherwise the check
-            is over the canonical encoding of `content`, as Synapse's.
+        body: the raw body `content` was parsed from, if any: the check
+            over these very bytes comes first (`verify_body_signature`).
 
     Raises:
-        SbgError: 401 `M_UNAUTHORIZED`, code `unknown_key` when `keys` has
-            no key for `auth.key_id`, `bad_signature` when the signature does
-            not verify (or the target is not ASCII).
+        Refusal: `unknown_key` when `keys` has no key for `auth.key_id`,
+            `bad_signature` when the signature does not verify (or the
+            target is not ASCII).
     """
-    key = keys.get(auth.key_id)
-    if key is None:
-        raise SbgError(
-            401,
-            "M_UNAUTHORIZED",
-            f"no known key {auth.key_id} for {auth.origin}",
-            "unknown_key",
+    key = _key_for(auth, keys)
+    uri_text = _target_text(uri)
+    if body is not None and content is not None:
+        message = signed_bytes_with_raw_body(method, uri_text, auth.origin, destination, body)
+        if _verifies(key, message, _decode_sig(auth.sig)):
+            return
+    _verify_canonical(auth, key, method, uri_text, destination, content)
+
+
+def verify_body_signature(
+    auth: XMatrixAuth,
+    method: str,
+    uri: bytes,
+    destination: str,
+    keys: Mapping[str, VerifyKey],
+    buffer: bytearray,
+    start: int,
+) -> None:
+    """Check the signature of a request with a body, before any parse.
+
+    `buffer` holds `CONTENT_PREFIX` then the body from `start` on (a
+    `BodyBuffer`'s). The signature is checked first over those very bytes
+    with the rest of the signed object appended in place (and cut off
+    again): for a sender of canonical JSON, as Synapse is, that is exactly
+    what was signed, and nothing is parsed. Only a body of at most
+    `CANONICAL_FALLBACK_MAX` bytes is then parsed (as Synapse parses it)
+    and checked in its canonical encoding; a larger one is refused, so a
+    forged request costs sbg its bytes, one hash and no parse.
+
+    Whichever check passes, the origin's key signed exactly this
+    destination, method, target and body; the caller still parses the body
+    strictly (one JSON object, no duplicate keys) before it is used.
+
+    Raises:
+        Refusal: `unknown_key`, `bad_signature`, or `bad_json` when the
+            fallback finds a body that is not JSON.
+    """
+    if bytes(buffer[:start]) != CONTENT_PREFIX:
+        raise ValueError("the buffer does not start with CONTENT_PREFIX")
+    key = _key_for(auth, keys)
+    uri_text = _target_text(uri)
+    sig = _decode_sig(auth.sig)
+    end = len(buffer)
+    buffer += signed_suffix(method, uri_text, auth.origin, destination)
+    try:
+        if _verifies(key, buffer, sig):
+            return
+    finally:
+        del buffer[end:]
+    if end - start > CANONICAL_FALLBACK_MAX:
+        raise _bad_signature(
+            f"signature by {auth.origin} {auth.key_id} does not verify over the body as sent "
+            f"(a body over {CANONICAL_FALLBACK_MAX // 1024} KiB must be canonical JSON)"
         )
     try:
-        uri_text = uri.decode("ascii")
-    except UnicodeDecodeError:
-        raise _bad_signature("request target is not ASCII")
-    if body is not None and content is not None:
-        raw = signed_bytes_with_raw_body(method, uri_text, auth.origin, destination, body)
-        if _verifies(key, raw, _decode_sig(auth.sig)):
-            return
-    signed = signed_request_json(method, uri_text, auth.origin, destination, content)
-    # signedjson looks the signature up under the key's own id.
-    signed["signatures"] = {auth.origin: {f"{key.alg}:{key.version}": auth.sig.rstrip("=")}}
-    try:
-        verify_signed_json(signed, auth.origin, key)
-    except (SignatureVerifyException, ValueError, TypeError):
-        raise _bad_signature(f"signature by {auth.origin} {auth.key_id} does not verify")
+        content = json.loads(bytes(memoryview(buffer)[start:]))
+    except (ValueError, RecursionError):
+        raise Refusal(reasons.BAD_JSON, "body is not JSON") from None
+    if not isinstance(content, dict):
+        raise Refusal(reasons.BAD_JSON, "body is not a JSON object")
+    _verify_canonical(auth, key, method, uri_text, destination, content)
 
 
 def sign_request(

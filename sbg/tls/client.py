@@ -40,7 +40,6 @@ from service_identity.cryptography import (
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from sbg.errors import SbgError
 from sbg.tls.pem import PemError, load_certificates
 from sbg.tls.server import HTTP11, normalise_name
 
@@ -49,16 +48,11 @@ logger = logging.getLogger(__name__)
 _FileIdentity = tuple[str, int, int, int, int]
 
 
-class NoUpstreamTrust(SbgError):
+class NoUpstreamTrust(ValueError):
     """No CA is trusted for this destination (`default_trust: none`, no `tls_ca`)."""
 
     def __init__(self, hostname: str) -> None:
-        super().__init__(
-            502,
-            "M_UNKNOWN",
-            f"no CA is trusted for {hostname} (no tls_ca and default_trust: none)",
-            "upstream_no_trust",
-        )
+        super().__init__(f"no CA is trusted for {hostname} (no tls_ca and default_trust: none)")
 
 
 def _identity(path: str) -> _FileIdentity:

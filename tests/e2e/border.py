@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 from sbg.matrix.endpoints import match_target
 from tests.e2e.matrix_client import MatrixClient
 
@@ -142,7 +142,7 @@ def template_of(record: Record) -> str:
         return "(tunnel)"
     try:
         return match_target(method.encode("latin-1"), path.encode("latin-1")).endpoint.template
-    except SbgError:
+    except Refusal:
         return path
     except UnicodeEncodeError:
         return path

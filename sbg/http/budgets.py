@@ -1,10 +1,12 @@
-"""Token buckets and in-flight budgets (contract issue: resource bounds).
+"""Token buckets and budgets: what one process may spend at once.
 
 `RateLimiter` keeps one token bucket per key (an origin server, a peer
 address); the number of keys is bounded, least recently used first out, so
 an attacker cycling addresses cannot grow memory. `InflightBudget` bounds
 the requests being forwarded at once, overall and per external server, so
-one server exhausting its budget does not starve the others.
+one server exhausting its budget does not starve the others. `BodyBudget`
+bounds the request body bytes held in memory at once
+(`limits.max_buffered_bytes`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from sbg import reasons
 from sbg.config.model import Limits, RateLimit
-from sbg.errors import SbgError
+from sbg.reasons import Refusal
 
 
 class RateLimiter:
+    """One token bucket per key, the least recently used keys dropped first."""
+
     def __init__(self, clock: Callable[[], float], max_keys: int = 65536) -> None:
         self._clock = clock
         self._max_keys = max_keys
@@ -71,8 +76,31 @@ class InflightBudget:
     def hold(self, server: str | None, limits: Limits) -> Iterator[None]:
         """One request forwarded for `server`, or 503 when no budget is left."""
         if not self.acquire(server, limits.max_inflight_upstream, limits.max_inflight_per_server):
-            raise SbgError(503, "M_LIMIT_EXCEEDED", "too many requests in flight", "overloaded")
+            raise Refusal(reasons.OVERLOADED, "too many requests in flight")
         try:
             yield
         finally:
             self.release(server)
+
+
+class BodyBudget:
+    """The request body bytes held in memory by this process, and a cap.
+
+    A request reserves its declared length before a byte of its body is
+    kept (or each chunk as it comes, for a chunked body) and releases it
+    when it ends; a reservation that would go beyond the cap is refused.
+    """
+
+    def __init__(self, cap: Callable[[], int]) -> None:
+        self._cap = cap
+        self.held = 0
+
+    def reserve(self, n: int) -> bool:
+        """Hold `n` more bytes; False (nothing held) if that exceeds the cap."""
+        if self.held + n > self._cap():
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
