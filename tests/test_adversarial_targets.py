@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import threads
 
-from sbg.reasons import Refusal
 from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Match, match_target
 from sbg.matrix.groups import GROUPS
+from sbg.reasons import Refusal
 from tests.asynctest import TestCase
 from tests.configtools import INTERNAL_HOST, INTERNAL_SERVER
 from tests.gateway import Gateway, start_gateway

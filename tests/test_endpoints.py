@@ -6,7 +6,6 @@ from urllib.parse import quote
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.endpoints import (
     ENDPOINTS,
     ENDPOINTS_BY_NAME,
@@ -17,6 +16,7 @@ from sbg.matrix.endpoints import (
     match_target,
 )
 from sbg.matrix.groups import GROUPS
+from sbg.reasons import Refusal
 
 ROOM = "!OGEhHVWSdvArJzumhm:matrix.org"  # rooms v1-11
 ROOM_V12 = "!bSf3SjS8kz7cXl0SLPaB8pXtF2UtrjcXmuhMwX7LX9I"  # rooms v12: no server part

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Endpoint, Match, match_target
+from sbg.reasons import Refusal
 
 SETTINGS = settings(
     max_examples=400,

@@ -31,7 +31,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.hosts import HostParseError, parse_authority, parse_connect_target, parse_sni
 from sbg.matrix.endpoints import ENDPOINTS, Match, match_target
 from sbg.matrix.ids import is_key_id, is_server_name
@@ -39,6 +38,7 @@ from sbg.matrix.jsonbody import MAX_DEPTH, parse_json_object
 from sbg.matrix.origin import check_origin_consistency
 from sbg.matrix.xmatrix import parse_authorization
 from sbg.outbound.proxy import parse_head
+from sbg.reasons import Refusal
 from tests.test_adversarial_targets import synapse_auth, synapse_route
 
 EXAMPLES = int(os.environ.get("SBG_FUZZ_EXAMPLES", "0") or 0) or 1000

@@ -6,8 +6,8 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.jsonbody import MAX_DEPTH, parse_json_object
+from sbg.reasons import Refusal
 
 
 class ParseTests(SynchronousTestCase):

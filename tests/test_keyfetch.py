@@ -25,9 +25,9 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from sbg.config.model import ExternalHomeserver, HostPattern, OutboundSettings
-from sbg.reasons import Refusal
 from sbg.matrix.keyfetch import KeyFetcher, KeyFetchError, fetch_target
 from sbg.matrix.xmatrix import parse_authorization, sign_request, verify_request_signature
+from sbg.reasons import Refusal
 from sbg.tls.client import ClientTLSPolicy
 from tests.configtools import INTERNAL_SERVER, PARTNER_HOST, PARTNER_SERVER
 from tests.e2e.pki import CertFiles, issue_server_cert, make_ca

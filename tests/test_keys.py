@@ -10,7 +10,6 @@ from signedjson.sign import sign_json
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.config.model import ExternalHomeserver
-from sbg.reasons import Refusal
 from sbg.matrix.keys import (
     MAX_KEYS_PER_RESPONSE,
     MAX_VALIDITY_MS,
@@ -19,6 +18,7 @@ from sbg.matrix.keys import (
     validate_key_response,
 )
 from sbg.matrix.xmatrix import parse_authorization, sign_request, verify_request_signature
+from sbg.reasons import Refusal
 
 NOW_MS = 1_700_000_000_000
 

@@ -24,9 +24,9 @@ from twisted.internet.protocol import Factory, Protocol
 
 from sbg.certmetrics import configured_certificates, update_certificate_expiry
 from sbg.config.load import load_config
-from sbg.reasons import REFUSAL_CODES
 from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
+from sbg.reasons import REFUSAL_CODES
 from tests.asynctest import TestCase
 from tests.configtools import (
     INTERNAL_HOST,

@@ -7,8 +7,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.origin import CHECKED_ENDPOINTS, check_origin_consistency
+from sbg.reasons import Refusal
 
 ORIGIN = "hs-ext.test"
 INTERNAL = frozenset({"hs-int.test", "hs-int2.test:8448"})

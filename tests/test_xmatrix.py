@@ -8,7 +8,6 @@ from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, generate_signing_key, get_verify_key
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.xmatrix import (
     XMatrixAuth,
     parse_authorization,
@@ -17,6 +16,7 @@ from sbg.matrix.xmatrix import (
     signed_request_json,
     verify_request_signature,
 )
+from sbg.reasons import Refusal
 
 SIG = base64.b64encode(bytes(range(64))).decode().rstrip("=")
 assert len(SIG) == 86

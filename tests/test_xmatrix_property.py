@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import Refusal
 from sbg.matrix.ids import is_server_name, server_of
 from sbg.matrix.jsonbody import parse_json_object
 from sbg.matrix.xmatrix import (
@@ -19,6 +18,7 @@ from sbg.matrix.xmatrix import (
     sign_request,
     verify_request_signature,
 )
+from sbg.reasons import Refusal
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

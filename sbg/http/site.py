@@ -195,9 +195,7 @@ class BorderRequest(http.Request):
         if self.body is not None:
             self.body.clear()
 
-    def refuse_early(
-        self, status: int, errcode: str, text: str, retry_after: bool = False
-    ) -> int:
+    def refuse_early(self, status: int, errcode: str, text: str, retry_after: bool = False) -> int:
         """Refuse before the body: answer now, and never keep a body byte.
 
         A request without a body is answered as usual once Twisted hands it

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sbg.reasons import Refusal
 from sbg.matrix.endpoints import match_target
+from sbg.reasons import Refusal
 from tests.e2e.matrix_client import MatrixClient
 
 Record = dict[str, Any]
