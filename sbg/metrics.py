@@ -21,6 +21,9 @@ UNKNOWN = "unknown"
 SUPERVISOR_FAMILIES = frozenset(
     {"sbg_config_reloads", "sbg_killswitch_engaged", "sbg_certificate_expiry_timestamp_seconds"}
 )
+# Counted both by the supervisor and by the workers (with other labels):
+# the supervisor's samples are added to the workers'.
+SHARED_FAMILIES = frozenset({"sbg_killswitch_state_errors"})
 
 
 class Metrics:
@@ -89,6 +92,14 @@ class Metrics:
             ["server", "direction"],
             registry=r,
         )
+        self.killswitch_errors = Counter(
+            "sbg_killswitch_state_errors",
+            "Kill-switch state problems (persist: state_dir not writable; file: the state "
+            "file deleted, damaged or replaced under sbg; shared: a worker could not read "
+            "the shared state). None of them lifts a switch.",
+            ["kind"],
+            registry=r,
+        )
         self.cert_expiry = Gauge(
             "sbg_certificate_expiry_timestamp_seconds",
             "notAfter of every configured certificate and pinned CA (Unix time).",
@@ -130,11 +141,17 @@ class WorkersCollector:
         self._workers = MultiProcessCollector(None, path=directory)
 
     def collect(self) -> Iterator[Metric]:
+        own = {f.name: f for f in self._own.registry.collect()}
+        seen = set()
         for family in self._workers.collect():
-            if family.name not in SUPERVISOR_FAMILIES:
-                yield family
-        for family in self._own.registry.collect():
             if family.name in SUPERVISOR_FAMILIES:
+                continue
+            if family.name in SHARED_FAMILIES and family.name in own:
+                seen.add(family.name)
+                family.samples = family.samples + own[family.name].samples
+            yield family
+        for name, family in own.items():
+            if name in SUPERVISOR_FAMILIES or (name in SHARED_FAMILIES and name not in seen):
                 yield family
 
     def render(self) -> bytes:

@@ -21,9 +21,9 @@ from sbg.config.model import InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
 from sbg.http.upstream import UpstreamPool, UpstreamPools
+from sbg.killswitch.switch import KillSwitch
 from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
-from sbg.policy.killswitch import KillSwitch
 from sbg.policy.snapshot import Policy
 from sbg.tls.client import ClientTLSPolicy
 

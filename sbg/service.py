@@ -45,10 +45,12 @@ from sbg.http.limits import LimitedFactory
 from sbg.http.pipeline import InflightTracker
 from sbg.http.site import BorderHTTPFactory
 from sbg.inbound.handler import InboundHandler
+from sbg.killswitch.shared import SharedState
+from sbg.killswitch.state import Switch
+from sbg.killswitch.switch import KillSwitch
 from sbg.metrics import Metrics
 from sbg.outbound.proxy import OutboundProxyFactory
 from sbg.outbound.state import OutboundState
-from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
 from sbg.reasons import Reason
 from sbg.runtime import Runtime
@@ -165,11 +167,13 @@ class GatewayService(MultiService):
         on_reconfigure: Callable[[Config], None] | None = None,
         install_signals: bool = True,
         adopted: Mapping[tuple[int, str], int] | None = None,
+        killswitch_fd: int | None = None,
     ) -> None:
         """`adopted` makes this a worker of `workers: N` (sbg.supervisor):
         (listener index, bind address) -> the listening socket's file
         descriptor, inherited from the supervisor; admin listeners are the
-        supervisor's, and the kill switch is followed from `state_dir`."""
+        supervisor's, and the kill switch is followed in the memory the
+        supervisor shares (`killswitch_fd`)."""
         super().__init__()
         self._adopted = adopted
         self.config = config
@@ -178,15 +182,28 @@ class GatewayService(MultiService):
         self._on_reconfigure = on_reconfigure
         self._install_signals = install_signals
         self.metrics = Metrics()
-        self.killswitch = KillSwitch(config.state_dir)
-        self.killswitch.load()
-        self._ks_poll: LoopingCall | None = None
+        count = self.metrics.killswitch_errors
         if adopted is not None:
-            self.killswitch.watch()
-            # Requests check the file themselves; this closes the open
-            # tunnels a switch covers even when no request comes.
-            self._ks_poll = LoopingCall(self.killswitch.refresh)
-            self._ks_poll.clock = reactor
+            if killswitch_fd is None:
+                raise ValueError("a worker needs the supervisor's kill-switch memory")
+            self.killswitch = KillSwitch(
+                config.state_dir,
+                shared=SharedState.attach(killswitch_fd),
+                follower=True,
+                on_problem=lambda kind: count.labels(kind).inc(),
+            )
+            # Requests check the shared state themselves; this closes the
+            # open tunnels a switch covers even when no request comes.
+            tick = self.killswitch.refresh
+        else:
+            self.killswitch = KillSwitch(
+                config.state_dir, on_problem=lambda kind: count.labels(kind).inc()
+            )
+            # A state file damaged or deleted under sbg is written again.
+            tick = self.killswitch.check_file
+        self.killswitch.load()
+        self._ks_poll = LoopingCall(tick)
+        self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
         self.runtime = Runtime(
             reactor, Policy.build(config), self.killswitch, AuditLog(), self.metrics
@@ -244,13 +261,13 @@ class GatewayService(MultiService):
             return self._limited(http_factory, "inbound")
         if listener.type == "outbound":
             return self._limited(OutboundProxyFactory(self.outbound), "outbound")
-        site = admin_site(
+        return admin_site(
             self.killswitch,
             lambda: self.runtime.policy,
             lambda: self.runtime.policy.config.admin_token,
             self.metrics.render,
+            reactor=self.reactor,
         )
-        return site
 
     def _limited(self, factory: Any, direction: str) -> LimitedFactory:
         """Connection limits outside everything else (TLS included)."""
@@ -273,8 +290,7 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self._ks_poll is not None:
-            self._ks_poll.start(1.0, now=False)
+        self._ks_poll.start(1.0, now=False)
         if self._install_signals:
             self.reactor.callWhenRunning(
                 install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
@@ -353,7 +369,7 @@ class GatewayService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop listening, cut the tunnels, close the upstream connections."""
-        if self._ks_poll is not None and self._ks_poll.running:
+        if self._ks_poll.running:
             self._ks_poll.stop()
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()

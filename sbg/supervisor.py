@@ -38,6 +38,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -45,9 +46,11 @@ from twisted.python.failure import Failure
 from sbg.admin import admin_site
 from sbg.certmetrics import update_certificate_expiry
 from sbg.config.model import Config
+from sbg.killswitch.shared import SharedState
+from sbg.killswitch.state import Switch
+from sbg.killswitch.switch import KillSwitch
 from sbg.logsetup import LogWriter
 from sbg.metrics import Metrics, WorkersCollector
-from sbg.policy.killswitch import KillSwitch, Switch
 from sbg.policy.snapshot import Policy
 from sbg.service import (
     install_signal_handlers,
@@ -159,8 +162,16 @@ class SupervisorService(MultiService):
         self._log_observer = log_observer
         self._on_reconfigure = on_reconfigure
         self.metrics = Metrics()
-        self.killswitch = KillSwitch(config.state_dir)
+        count = self.metrics.killswitch_errors
+        # The workers follow the switches in this memory: nothing on disk
+        # can lift one under them.
+        self.shared = SharedState.create()
+        self.killswitch = KillSwitch(
+            config.state_dir, shared=self.shared, on_problem=lambda kind: count.labels(kind).inc()
+        )
         self.killswitch.load()
+        self._ks_check = LoopingCall(self.killswitch.check_file)
+        self._ks_check.clock = reactor
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
         self.policy = Policy.build(config)
@@ -178,6 +189,7 @@ class SupervisorService(MultiService):
             lambda: self.policy,
             lambda: self.policy.config.admin_token,
             self.render_metrics,
+            reactor=reactor,
         )
         for listener in config.listeners:
             if listener.type != "admin":
@@ -215,6 +227,7 @@ class SupervisorService(MultiService):
         self._collector = WorkersCollector(self.metrics, self._metrics_dir)
         for index in range(self.config.workers):
             self._spawn(index)
+        self._ks_check.start(1.0, now=False)
         self.reactor.callWhenRunning(
             install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
         )
@@ -237,6 +250,8 @@ class SupervisorService(MultiService):
             fd = FIRST_SOCKET_FD + n
             child_fds[fd] = b.sock.fileno()
             sockets.append([b.listener, b.address, fd])
+        killswitch_fd = FIRST_SOCKET_FD + len(self._sockets)
+        child_fds[killswitch_fd] = self.shared.fd
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         args = [
@@ -249,6 +264,8 @@ class SupervisorService(MultiService):
             str(index),
             "--sockets",
             json.dumps(sockets),
+            "--killswitch-fd",
+            str(killswitch_fd),
         ]
         worker = _Worker(index, self._writer, self._worker_ended)
         self._workers[index] = worker
@@ -349,6 +366,8 @@ class SupervisorService(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         async def run() -> None:
+            if self._ks_check.running:
+                self._ks_check.stop()
             await self._stop_workers()
             await defer.maybeDeferred(super(SupervisorService, self).stopService)
             if self._metrics_dir is not None:

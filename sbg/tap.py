@@ -11,8 +11,8 @@ from twisted.python.logfile import LogFile
 
 from sbg.config.load import load_config
 from sbg.errors import ConfigErrors
+from sbg.killswitch.switch import KillSwitchStateError
 from sbg.logsetup import LogWriter, TwistedObserver, install_stdlib, real_stdout
-from sbg.policy.killswitch import KillSwitchStateError
 
 DEFAULT_CONFIG = "/etc/sbg/sbg.yaml"
 

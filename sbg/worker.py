@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--sockets", required=True)
+    p.add_argument("--killswitch-fd", type=int, required=True)
     args = p.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         reactor,
         on_reconfigure=lambda c: writer.configure(c.log_format, c.log_level),
         adopted=_sockets(args.sockets),
+        killswitch_fd=args.killswitch_fd,
     )
     service.privilegedStartService()
     service.startService()

@@ -197,3 +197,11 @@ async def start_gateway(
     for listener, _address, lp in await service.listening():
         ports.setdefault(listener.type, lp.getHost().port)  # type: ignore[attr-defined]
     return Gateway(test, material, config, path, service, state, ports, audit)
+
+
+def bare(state: dict[str, Any]) -> dict[str, Any]:
+    """A kill-switch state (`GET /_sbg/kill`, the state file) with only each
+    entry's server and direction (no reason, time or actor)."""
+    return {
+        "engaged": [{"server": e["server"], "direction": e["direction"]} for e in state["engaged"]]
+    }

@@ -13,13 +13,14 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from typing import Any
 
 from twisted.internet import threads
 
 from tests.asynctest import TestCase
 from tests.configtools import INTERNAL_HOST, PARTNER_HOST, PARTNER_SERVER
-from tests.gateway import Gateway, start_gateway
+from tests.gateway import Gateway, bare, start_gateway
 from tests.rawhttp import RawResponse, _read_response, build_request, exchange
 from tests.test_inbound import TXN, txn_body
 from tests.test_outbound import CONNECT, signed, start, txn
@@ -129,7 +130,7 @@ class TokenTests(TestCase):
         gw = await start_gateway(self)
         resp = await call(gw, "GET", "/_sbg/kill")
         self.assertEqual(resp.status, 200)
-        self.assertEqual(resp.json(), {"engaged": []})
+        self.assertEqual(bare(resp.json()), {"engaged": []})
         resp = await call(gw, "GET", "/_sbg/kill", scheme=b"bearer")
         self.assertEqual(resp.status, 200)
 
@@ -137,7 +138,7 @@ class TokenTests(TestCase):
         gw = await start_gateway(self, {"admin_token_file": None})
         resp = await call(gw, "POST", "/_sbg/kill", {}, token=None)
         self.assertEqual(resp.status, 200)
-        self.assertEqual(resp.json(), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(bare(resp.json()), {"engaged": GLOBAL_BOTH})
 
     async def test_kill_api_not_on_the_federation_listeners(self) -> None:
         gw = await start_gateway(self)
@@ -156,15 +157,15 @@ class KillApiTests(TestCase):
         gw = await start_gateway(self)
         resp = await call(gw, "POST", "/_sbg/kill", {})
         self.assertEqual(resp.status, 200, resp.body)
-        self.assertEqual(resp.json(), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(bare(resp.json()), {"engaged": GLOBAL_BOTH})
         # Written to state_dir before the call returned.
-        self.assertEqual(state_file(gw), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(bare(state_file(gw)), {"engaged": GLOBAL_BOTH})
         resp = await call(gw, "GET", "/_sbg/kill")
-        self.assertEqual(resp.json(), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(bare(resp.json()), {"engaged": GLOBAL_BOTH})
         resp = await call(gw, "POST", "/_sbg/unkill", {"server": None})
         self.assertEqual(resp.status, 200)
-        self.assertEqual(resp.json(), {"engaged": []})
-        self.assertEqual(state_file(gw), {"engaged": []})
+        self.assertEqual(bare(resp.json()), {"engaged": []})
+        self.assertEqual(bare(state_file(gw)), {"engaged": []})
 
     async def test_server_and_direction(self) -> None:
         gw = await start_gateway(self)
@@ -172,11 +173,11 @@ class KillApiTests(TestCase):
             gw, "POST", "/_sbg/kill", {"server": PARTNER_SERVER, "direction": "inbound"}
         )
         self.assertEqual(
-            resp.json(), {"engaged": [{"server": PARTNER_SERVER, "direction": "inbound"}]}
+            bare(resp.json()), {"engaged": [{"server": PARTNER_SERVER, "direction": "inbound"}]}
         )
         resp = await call(gw, "POST", "/_sbg/kill", {"direction": "outbound"})
         self.assertEqual(
-            resp.json(),
+            bare(resp.json()),
             {
                 "engaged": [
                     {"server": None, "direction": "outbound"},
@@ -188,9 +189,13 @@ class KillApiTests(TestCase):
         resp = await call(
             gw, "POST", "/_sbg/unkill", {"server": PARTNER_SERVER, "direction": "outbound"}
         )
-        self.assertIn({"server": PARTNER_SERVER, "direction": "inbound"}, resp.json()["engaged"])
+        self.assertIn(
+            {"server": PARTNER_SERVER, "direction": "inbound"}, bare(resp.json())["engaged"]
+        )
         resp = await call(gw, "POST", "/_sbg/unkill", {"server": PARTNER_SERVER})
-        self.assertEqual(resp.json(), {"engaged": [{"server": None, "direction": "outbound"}]})
+        self.assertEqual(
+            bare(resp.json()), {"engaged": [{"server": None, "direction": "outbound"}]}
+        )
 
     async def test_unknown_server_404(self) -> None:
         gw = await start_gateway(self)
@@ -211,14 +216,14 @@ class KillApiTests(TestCase):
         # A reload never lifts it, and it cannot be engaged anew...
         resp = await call(gw, "GET", "/_sbg/kill")
         self.assertEqual(
-            resp.json()["engaged"], [{"server": PARTNER_SERVER, "direction": "outbound"}]
+            bare(resp.json())["engaged"], [{"server": PARTNER_SERVER, "direction": "outbound"}]
         )
         resp = await call(gw, "POST", "/_sbg/kill", {"server": PARTNER_SERVER})
         self.assertEqual(resp.status, 404)
         # ...but the operator can lift it; then it is unknown.
         resp = await call(gw, "POST", "/_sbg/unkill", {"server": PARTNER_SERVER})
         self.assertEqual(resp.status, 200, resp.body)
-        self.assertEqual(resp.json(), {"engaged": []})
+        self.assertEqual(bare(resp.json()), {"engaged": []})
         resp = await call(gw, "POST", "/_sbg/unkill", {"server": PARTNER_SERVER})
         self.assertEqual(resp.status, 404)
 
@@ -249,8 +254,8 @@ class KillApiTests(TestCase):
             b'{"server": ["partner.example"]}',
             b'{"servers": "partner.example"}',
             b"\xff\xfe",
-            b"[" * 100_000,
-            b'{"server": ' * 50_000,
+            b"[" * 60_000,
+            b'{"server": ' * 5_000,
         ]
         for raw in bad:
             resp = await call(gw, "POST", "/_sbg/kill", raw_body=raw)
@@ -262,21 +267,66 @@ class KillApiTests(TestCase):
         gw = await start_gateway(self)
         resp = await call(gw, "POST", "/_sbg/kill")
         self.assertEqual(resp.status, 200)
-        self.assertEqual(resp.json(), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(bare(resp.json()), {"engaged": GLOBAL_BOTH})
 
-    async def test_unwritable_state_is_an_error_not_a_silent_switch(self) -> None:
-        # The state cannot be persisted: the caller must not believe the
-        # switch survives a restart, and memory must match the disk.
+    async def test_unwritable_state_still_engages_and_says_so(self) -> None:
+        # The state cannot be persisted: the switch holds at once all the
+        # same (failing closed), and the caller is told it would not
+        # survive a restart.
         gw = await start_gateway(self)
         shutil.rmtree(gw.config.state_dir)
         with open(gw.config.state_dir, "w") as f:
             f.write("not a directory")
-        resp = await call(gw, "POST", "/_sbg/kill", {})
+        resp = await call(gw, "POST", "/_sbg/kill", {"reason": "incident 42"})
         self.assertEqual(resp.status, 500)
         self.assertEqual(resp.json()["errcode"], "M_UNKNOWN")
-        self.assertEqual(gw.service.killswitch.engaged, frozenset())
+        self.assertIn("engaged but not persisted", resp.json()["error"])
+        self.assertEqual(
+            gw.service.killswitch.engaged, frozenset({(None, "inbound"), (None, "outbound")})
+        )
         resp = await call(gw, "GET", "/_sbg/kill")
-        self.assertEqual(resp.json(), {"engaged": []})
+        self.assertEqual(bare(resp.json()), {"engaged": GLOBAL_BOTH})
+        self.assertEqual(resp.json()["engaged"][0]["reason"], "incident 42")
+        # Traffic stops: refused, never forwarded.
+        answer = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
+        self.assertEqual(answer.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "killswitch")
+        self.assertEqual(gw.upstream.requests, [])
+        errors = gw.service.metrics.killswitch_errors.labels("persist")._value.get()
+        self.assertEqual(errors, 1.0)
+        # A lift that cannot be persisted changes nothing.
+        resp = await call(gw, "POST", "/_sbg/unkill", {})
+        self.assertEqual(resp.status, 500)
+        self.assertIn("nothing was lifted", resp.json()["error"])
+        self.assertTrue(gw.service.killswitch.is_killed(None, "inbound"))
+
+    async def test_body_over_64k_refused_before_it_is_read(self) -> None:
+        gw = await start_gateway(self)
+        resp = await call(
+            gw, "POST", "/_sbg/kill", raw_body=b'{"reason": "' + b"x" * 70_000 + b'"}'
+        )
+        self.assertEqual(resp.status, 413)
+        self.assertEqual(gw.service.killswitch.engaged, frozenset())
+        # Without the token too: nobody gets a large body held.
+        resp = await call(gw, "POST", "/_sbg/kill", raw_body=b"x" * 70_000, token=None)
+        self.assertEqual(resp.status, 413)
+
+    async def test_reason_time_and_actor_are_recorded(self) -> None:
+        gw = await start_gateway(self)
+        before = int(time.time() * 1000)
+        resp = await call(
+            gw, "POST", "/_sbg/kill", {"server": PARTNER_SERVER, "reason": "suspicious traffic"}
+        )
+        self.assertEqual(resp.status, 200)
+        for entry in resp.json()["engaged"]:
+            self.assertEqual(entry["reason"], "suspicious traffic")
+            self.assertEqual(entry["by"], "127.0.0.1")
+            self.assertGreaterEqual(entry["since_ts"], before)
+            self.assertLessEqual(entry["since_ts"], int(time.time() * 1000))
+        # They survive a restart with the rest of the state.
+        self.assertEqual(state_file(gw)["engaged"][0]["reason"], "suspicious traffic")
+        resp = await call(gw, "POST", "/_sbg/kill", {"reason": 7})
+        self.assertEqual(resp.status, 400)
 
     async def test_gauge_follows_the_switches(self) -> None:
         gw = await start_gateway(self)

@@ -36,6 +36,7 @@ from tests.configtools import (
     make_material,
     write_config,
 )
+from tests.gateway import bare
 from tests.rawhttp import RawResponse, build_request, exchange_sync
 from tests.standin import StandinState, start_standin
 from tests.test_inbound import TXN, txn_body
@@ -349,7 +350,7 @@ class KillSwitchRestartTests(TestCase):
         again = await run_gateway(self, setup, name="sbg2")
         resp = await setup.admin("GET", "/_sbg/kill")
         self.assertEqual(
-            resp.json(), {"engaged": [{"server": PARTNER_SERVER, "direction": "inbound"}]}
+            bare(resp.json()), {"engaged": [{"server": PARTNER_SERVER, "direction": "inbound"}]}
         )
         resp = await setup.inbound(setup.signed("PUT", TXN, txn_body()))
         self.assertEqual(resp.status, 403, resp.body)

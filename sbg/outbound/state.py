@@ -15,8 +15,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from sbg.config.model import Config
 from sbg.hosts import format_authority
 from sbg.http.upstream import UpstreamPool
+from sbg.killswitch.state import Switch
 from sbg.outbound.chain import HTTPConnectEndpoint
-from sbg.policy.killswitch import Switch
 from sbg.policy.outbound import Tunnel
 from sbg.policy.snapshot import Policy
 from sbg.tls.ca import load_ca
