@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYNAPSE_STAMP := .venv-synapse/.installed
 
-.PHONY: all venv demo test unit e2e lint typecheck fuzz bench deb clean
+.PHONY: all venv demo test unit e2e lint typecheck fuzz bench bench-forged deb clean
 
 all: test
 
@@ -44,6 +44,9 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m bench.run
+
+bench-forged: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m bench.forged
 
 deb:
 	./scripts/build-deb

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--token-file", help="file holding the admin bearer token")
         k.add_argument("--server", help="an external server name (default: the global switch)")
         k.add_argument("--direction", choices=("inbound", "outbound", "both"), default="both")
+        if name == "kill":
+            k.add_argument("--reason", help="why (recorded with the switch)")
     return p
 
 
@@ -84,6 +86,7 @@ def main(
             direction=args.direction,
             out=out,
             err=err,
+            reason=getattr(args, "reason", None),
         )
     except KeyboardInterrupt:
         print("sbg: interrupted", file=err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from datetime import UTC, datetime
@@ -37,6 +38,22 @@ _TWISTED_LEVELS = {
 def _now_iso(ts: float | None = None) -> str:
     t = datetime.fromtimestamp(ts, UTC) if ts is not None else datetime.now(UTC)
     return t.isoformat(timespec="milliseconds")
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_LF = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _hex(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with every C0/C1 control character and DEL written as `\\xNN`
+    (with `keep_newlines`, LF becomes a new indented line instead)."""
+    if keep_newlines:
+        return _CONTROLS_BUT_LF.sub(_hex, text).replace("\n", "\n    ")
+    return _CONTROLS.sub(_hex, text)
 
 
 class LogWriter:
@@ -79,9 +96,13 @@ class LogWriter:
                 obj["exception"] = exc_text
             line = json.dumps(obj, default=str, ensure_ascii=True)
         else:
-            text = message if not exc_text else f"{message}\n{exc_text}"
-            # One record, one line: escape what could forge another.
-            text = text.replace("\r", "\\r").replace("\n", "\n    ")
+            # One record, one line: a control character (from the wire or
+            # anywhere else) is written escaped, never raw, so nothing in a
+            # message can erase, recolour or fake a line. A traceback keeps
+            # its lines, indented under the record.
+            text = escape_controls(message)
+            if exc_text:
+                text += "\n    " + escape_controls(exc_text, keep_newlines=True)
             line = f"{_now_iso(ts)} [{logger}] {level.upper()}: {text}"
         with self._lock:
             try:

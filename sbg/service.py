@@ -214,6 +214,7 @@ class GatewayService(MultiService):
         self._update_certificate_expiry(config)
         self._inbound_tls: _SwappableServerTLS | None = None
         self._ports: list[StreamServerEndpointService] = []
+        self._connections: list[LimitedFactory] = []
         self._port_owners: list[tuple[Listener, str]] = []
         self._stopping = False
         # What is in service until a restart, whatever later reloads say.
@@ -275,7 +276,9 @@ class GatewayService(MultiService):
         def refused(reason: Reason) -> None:
             self.metrics.refusals.labels(direction, "unknown", reason.code).inc()
 
-        return LimitedFactory(factory, lambda: self.runtime.policy.config.limits, refused)
+        limited = LimitedFactory(factory, lambda: self.runtime.policy.config.limits, refused)
+        self._connections.append(limited)
+        return limited
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -374,6 +377,9 @@ class GatewayService(MultiService):
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()
         closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]
+        # Whatever a client still holds open (after a graceful drain: only
+        # idle or refused connections) ends with the service.
+        closing += [limited.close_all(self.reactor) for limited in self._connections]
         d = defer.gatherResults(closing, consumeErrors=True)
         return d.addCallback(_discard)
 

@@ -469,3 +469,41 @@ def closed_by_peer(sock: ssl.SSLSocket) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+class AdminTimerTests(TestCase):
+    async def test_idle_and_slow_connections_are_closed(self) -> None:
+        import sbg.admin
+
+        self.patch(sbg.admin, "IDLE_TIMEOUT", 0.5)
+        gw = await start_gateway(self)
+
+        def measure(first: bytes) -> float:
+            sock = socket.create_connection(("127.0.0.1", gw.ports["admin"]), timeout=10)
+            try:
+                started = time.monotonic()
+                if first:
+                    sock.sendall(first)
+                # A byte every 0.2 s resets an idle timer, never the request's.
+                while True:
+                    try:
+                        if not sock.recv(1, socket.MSG_DONTWAIT):
+                            return time.monotonic() - started
+                    except BlockingIOError:
+                        pass
+                    except ConnectionResetError:
+                        return time.monotonic() - started
+                    if first:
+                        sock.sendall(b"X")
+                    time.sleep(0.2)
+                    if time.monotonic() - started > 8:
+                        return -1.0
+            finally:
+                sock.close()
+
+        idle = await threads.deferToThread(measure, b"")
+        self.assertGreater(idle, 0.3)
+        self.assertLess(idle, 5.0)
+        trickle = await threads.deferToThread(measure, b"GET /health HTTP/1.1\r\nX-Slow: ")
+        self.assertGreater(trickle, 0.3)
+        self.assertLess(trickle, 5.0)

@@ -215,3 +215,58 @@ class AdminUrlTests(TestCase):
         self.assertEqual(len(err.splitlines()), 1, err)
         self.assertNotIn("Traceback", err)
         self.assertEqual(gw.service.killswitch.engaged, frozenset())
+
+
+class _RecordingProxy:
+    """A TCP listener standing in for an HTTP proxy: records what reaches it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[bytes] = []
+
+    def drain(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(0.5)
+            try:
+                self.seen.append(conn.recv(65536))
+            except OSError:
+                self.seen.append(b"")
+            conn.close()
+
+
+class ProxyEnvironmentTests(TestCase):
+    async def test_kill_never_goes_through_a_proxy_from_the_environment(self) -> None:
+        gw = await start_gateway(self)
+        config = cli_config(gw)
+        proxy = _RecordingProxy()
+        self.addCleanup(proxy.sock.close)
+        saved = {k: os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")}
+        os.environ["http_proxy"] = os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
+        os.environ.pop("no_proxy", None)
+        os.environ.pop("NO_PROXY", None)
+
+        def restore() -> None:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+        self.addCleanup(restore)
+        status, out, err = await sbg("kill", "-c", config, "--reason", "drill")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("(reason: drill)", out)
+        self.assertTrue(gw.service.killswitch.is_killed(None, "inbound"))
+        status, _out, err = await sbg("unkill", "-c", config)
+        self.assertEqual((status, err), (0, ""))
+        proxy.drain()
+        # Neither the token nor the request went anywhere near the proxy.
+        self.assertEqual(proxy.seen, [])

@@ -89,7 +89,7 @@ def counter(metrics: bytes, name: str, **labels: str) -> float:
     return total
 
 
-class WorkersTests(TestCase):
+class _WorkersCase(TestCase):
     async def start(self, **overrides: Any) -> tuple[Setup, Process]:
         setup = make_setup(self, {"workers": WORKERS, **overrides})
         proc = await run_gateway(self, setup)
@@ -107,6 +107,8 @@ class WorkersTests(TestCase):
         resp = await setup.inbound(setup.signed("PUT", TXN + str(n).encode(), txn_body()))
         return resp.status
 
+
+class WorkersTests(_WorkersCase):
     async def test_every_worker_serves_and_metrics_are_summed(self) -> None:
         # What a SIGKILLed earlier run left in state_dir/metrics is wiped.
         stale = os.path.abspath(os.path.join(self.mktemp(), "state", "metrics"))
@@ -258,3 +260,69 @@ class WorkersTests(TestCase):
 
         await each_worker(proc, refused)
         self.assertEqual(setup.upstream.requests, [])
+
+
+class WorkersKillSwitchFailsClosedTests(_WorkersCase):
+    """Nothing that happens to `state_dir` lifts a switch in any worker."""
+
+    async def refused_everywhere(self, setup: Setup, proc: Process, tag: bytes) -> None:
+        async def refused(index: int) -> None:
+            resp = await setup.inbound(setup.signed("PUT", TXN + tag + b"%d" % index, txn_body()))
+            self.assertEqual(resp.status, 403, resp.body)
+
+        await each_worker(proc, refused)
+
+    async def test_damaged_state_file_and_restarted_worker(self) -> None:
+        setup, proc = await self.start()
+        resp = await setup.admin("POST", "/_sbg/kill", {"server": PARTNER_SERVER, "reason": "t"})
+        self.assertEqual(resp.status, 200, resp.body)
+        path = os.path.join(setup.material.directory, "state", "killswitch.json")
+        for n, damage in enumerate(("delete", "truncate", "corrupt")):
+            if damage == "delete":
+                os.remove(path)
+            elif damage == "truncate":
+                with open(path, "r+") as f:
+                    f.truncate(0)
+            else:
+                with open(path, "w") as f:
+                    f.write('{"engaged": ')
+            await self.refused_everywhere(setup, proc, b"d%d-" % n)
+            # The admin API tells the truth: still engaged.
+            state = (await setup.admin("GET", "/_sbg/kill")).json()
+            self.assertEqual(len(state["engaged"]), 2, state)
+            # Within a second the supervisor notices and writes it again.
+            await wait_until(
+                lambda: _engaged_on_disk(path) == 2, 5, "the state file rewritten", proc
+            )
+        self.assertEqual(proc.output().count("deleted, damaged or replaced"), 3)
+        metrics = (await setup.admin("GET", "/metrics", token=False)).body
+        self.assertEqual(counter(metrics, "sbg_killswitch_state_errors_total", kind="file"), 3)
+        # A worker started again follows the switch from its first request.
+        pids = worker_pids(proc)
+        os.kill(pids[0], signal.SIGKILL)
+        await wait_until(lambda: ready(proc) == WORKERS + 1, 30, "a new worker 0", proc)
+        await self.refused_everywhere(setup, proc, b"r")
+        self.assertEqual(setup.upstream.requests, [])
+
+    async def test_unwritable_state_dir_still_engages_every_worker(self) -> None:
+        setup, proc = await self.start()
+        state_dir = os.path.join(setup.material.directory, "state")
+        os.rename(state_dir, state_dir + ".moved")
+        with open(state_dir, "w") as f:
+            f.write("not a directory")
+        resp = await setup.admin("POST", "/_sbg/kill", {"direction": "inbound"})
+        self.assertEqual(resp.status, 500, resp.body)
+        self.assertIn("engaged but not persisted", resp.json()["error"])
+        await self.refused_everywhere(setup, proc, b"u")
+        self.assertIn("ERROR: kill switch: cannot write", proc.output())
+        self.assertEqual(setup.upstream.requests, [])
+
+
+def _engaged_on_disk(path: str) -> int:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return len(json.load(f)["engaged"])
+    except (OSError, ValueError, KeyError):
+        return -1

@@ -47,6 +47,11 @@ def admin_from_config(config_path: str) -> tuple[str, str | None]:
     return f"http://{format_authority(address, admin.port)}", token
 
 
+# The admin listener is reached directly, never through a proxy named in
+# the environment (`http_proxy`, ...): the bearer token goes to sbg only.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _call(url: str, token: str | None, body: dict[str, Any] | None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
@@ -54,7 +59,7 @@ def _call(url: str, token: str | None, body: dict[str, Any] | None) -> Any:
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with _OPENER.open(req, timeout=10) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         try:
@@ -79,6 +84,7 @@ def run(
     direction: str,
     out: TextIO,
     err: TextIO,
+    reason: str | None = None,
 ) -> int:
     try:
         if admin is not None:
@@ -94,7 +100,10 @@ def run(
             if token_file:
                 token = _read_token(token_file)
         path = "/_sbg/kill" if engage else "/_sbg/unkill"
-        state = _call(base + path, token, {"server": server, "direction": direction})
+        body: dict[str, Any] = {"server": server, "direction": direction}
+        if engage and reason is not None:
+            body["reason"] = reason
+        state = _call(base + path, token, body)
     except KillCommandError as e:
         print(f"sbg: {e}", file=err)
         return 1
@@ -104,5 +113,8 @@ def run(
     else:
         print("engaged kill switches:", file=out)
         for item in engaged:
-            print(f"  {item.get('server') or '(global)'} {item.get('direction')}", file=out)
+            line = f"  {item.get('server') or '(global)'} {item.get('direction')}"
+            if item.get("reason"):
+                line += f" (reason: {item['reason']})"
+            print(line, file=out)
     return 0

@@ -11,7 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from sbg import reasons
@@ -38,6 +39,7 @@ class LimitedFactory(WrappingFactory):
         self._per_ip: dict[str, int] = {}
         self._peers: dict[ProtocolWrapper, str] = {}
         self._total = 0
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         limits = self._limits()
@@ -74,3 +76,33 @@ class LimitedFactory(WrappingFactory):
         host = self._peers.pop(p, None)
         if host is not None:
             self._release(host)
+        if not self._peers:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self, clock: IReactorTime, grace: float = 1.0) -> defer.Deferred[None]:
+        """Close every open connection (what is written is sent first, for
+        at most `grace` seconds); fires once all of them are gone."""
+        if not self._peers:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed_waiters.append(d)
+        for protocol in list(self._peers):
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+
+        def cut() -> None:
+            for protocol in list(self._peers):
+                transport = protocol.transport
+                if transport is not None:
+                    transport.abortConnection()  # type: ignore[attr-defined]
+
+        timer = clock.callLater(grace, cut)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done)
