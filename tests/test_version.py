@@ -71,8 +71,9 @@ class InstalledCommandTests(SynchronousTestCase):
             check=True,
         )
         self.assertEqual(result.stdout.strip(), os.path.abspath(sbg.__file__))
+        # ... and that Python is the command's.
         with open(COMMAND, encoding="utf-8") as f:
-            self.assertIn("from sbg.cli import main", f.read())
+            self.assertEqual(f.readline().strip(), "#!" + sys.executable)
 
 
 class BuildInfoTests(SynchronousTestCase):
