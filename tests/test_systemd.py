@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 import uuid
@@ -26,11 +25,10 @@ from sbg import systemd
 from tests.asynctest import TestCase
 from tests.test_inbound import TXN, txn_body
 from tests.test_process import (
-    ROOT,
-    TWISTD,
     Process,
     Setup,
     make_setup,
+    spawn,
     stop,
     wait_healthy,
     wait_until,
@@ -213,20 +211,7 @@ class NotifyTests(SynchronousTestCase):
 
 def spawn_notified(test: TestCase, setup: Setup, address: str) -> Process:
     """`twistd -n --pidfile= sbg -c FILE` with NOTIFY_SOCKET=ADDRESS."""
-    out = os.path.join(setup.directory, "sbg.stdout")
-    err = os.path.join(setup.directory, "sbg.stderr")
-    env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=address)
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        popen = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "sbg", "-c", setup.path],
-            stdout=fo,
-            stderr=fe,
-            stdin=subprocess.DEVNULL,
-            cwd=setup.directory,
-            env=env,
-        )
-    test.addCleanup(stop, popen)
-    return Process(popen, out, err)
+    return spawn(test, setup, environ={systemd.ENVIRONMENT_VARIABLE: address})
 
 
 def can_connect(port: int) -> bool:
