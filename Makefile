@@ -11,7 +11,7 @@ SYNAPSE_STAMP := .venv-synapse/.installed
 
 all: test
 
-$(STAMP): setup.cfg setup.py requirements-dev.txt
+$(STAMP): setup.cfg setup.py requirements-dev.txt scripts/bootstrap
 	./scripts/bootstrap "$(PYTHON)" "$(VENV)"
 	touch $(STAMP)
 

@@ -1,3 +1,3 @@
 """sbg, the Simple Border Gateway for Matrix federation."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

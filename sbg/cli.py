@@ -1,4 +1,4 @@
-"""The `sbg` command: check-config, keys fetch, ca init, kill, unkill."""
+"""The `sbg` command: --version, check-config, keys fetch, ca init, kill, unkill."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from sbg import __version__
 from sbg.tap import DEFAULT_CONFIG
 
 
@@ -19,6 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sbg", description="Simple Border Gateway for Matrix federation.")
+    p.add_argument("--version", action="version", version=f"sbg {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

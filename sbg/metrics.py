@@ -15,11 +15,18 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from sbg import __version__
+
 UNKNOWN = "unknown"
 # With `workers: N` these are the supervisor's own state; every other
 # family is counted by the workers and summed from PROMETHEUS_MULTIPROC_DIR.
 SUPERVISOR_FAMILIES = frozenset(
-    {"sbg_config_reloads", "sbg_killswitch_engaged", "sbg_certificate_expiry_timestamp_seconds"}
+    {
+        "sbg_config_reloads",
+        "sbg_killswitch_engaged",
+        "sbg_certificate_expiry_timestamp_seconds",
+        "sbg_build_info",
+    }
 )
 # Counted both by the supervisor and by the workers (with other labels):
 # the supervisor's samples are added to the workers'.
@@ -112,6 +119,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.build_info = Gauge(
+            "sbg_build_info",
+            "Always 1; the version label is the running sbg's.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         for direction in ("inbound", "outbound"):
             self.inflight.labels(direction)

@@ -35,6 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
+from sbg import systemd
 from sbg.admin import admin_site
 from sbg.audit import AuditLog
 from sbg.certmetrics import update_certificate_expiry
@@ -107,9 +108,10 @@ def install_signal_handlers(
     (status -15)."""
 
     def on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
+        reactor.callFromThread(systemd.reloading, reload)
 
     def on_term(signum: int, frame: Any) -> None:
+        reactor.callFromThread(systemd.stopping)
         reactor.callFromThread(shutdown)
 
     signal.signal(signal.SIGHUP, on_hup)
@@ -298,6 +300,8 @@ class GatewayService(MultiService):
             self.reactor.callWhenRunning(
                 install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
             )
+            # Listening, and SIGHUP and SIGTERM handled: tell systemd.
+            self.reactor.callWhenRunning(systemd.ready)
         logger.info(
             "sbg started: %d listener(s), %d internal and %d external homeserver(s)",
             len(self.config.listeners),

@@ -43,6 +43,7 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
+from sbg import systemd
 from sbg.admin import admin_site
 from sbg.certmetrics import update_certificate_expiry
 from sbg.config.model import Config
@@ -231,6 +232,8 @@ class SupervisorService(MultiService):
         self.reactor.callWhenRunning(
             install_signal_handlers, self.reactor, self.reload, self.graceful_shutdown
         )
+        # Every socket bound, SIGHUP and SIGTERM handled: tell systemd.
+        self.reactor.callWhenRunning(systemd.ready)
         logger.info(
             "sbg started: %d worker(s), %d listener(s), %d internal and %d external homeserver(s)",
             self.config.workers,
@@ -254,6 +257,7 @@ class SupervisorService(MultiService):
         child_fds[killswitch_fd] = self.shared.fd
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        env.pop(systemd.ENVIRONMENT_VARIABLE, None)  # only the supervisor notifies systemd
         args = [
             sys.executable,
             "-m",

@@ -11,6 +11,7 @@ import configparser
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class SystemdUnitTests(SynchronousTestCase):
     def setUp(self) -> None:
         _require_source_tree()
         self.text = _read(DEBIAN / "sbg.service")
+        self.unit = _unit_section(self.text, "Unit")
         self.service = _unit_section(self.text, "Service")
 
     def assertDirective(self, key: str, value: str) -> None:
@@ -127,8 +129,34 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertDirective("ExecStart", "/usr/bin/twistd3 -n --pidfile= sbg -c /etc/sbg/sbg.yaml")
         self.assertDirective("User", "sbg")
 
-    def test_reload_sends_sighup(self) -> None:
-        self.assertDirective("ExecReload", "/bin/kill -HUP $MAINPID")
+    def test_notifies_systemd_from_the_main_process_only(self) -> None:
+        self.assertDirective("Type", "notify")
+        # With workers, the workers are children: only the supervisor speaks.
+        self.assertDirective("NotifyAccess", "main")
+
+    def test_config_checked_before_start(self) -> None:
+        self.assertDirective("ExecStartPre", "/usr/bin/sbg check-config /etc/sbg/sbg.yaml")
+
+    def test_reload_checks_the_file_then_sends_sighup(self) -> None:
+        # The first command failing fails `systemctl reload` and skips SIGHUP.
+        self.assertEqual(
+            self.service["ExecReload"],
+            ["/usr/bin/sbg check-config /etc/sbg/sbg.yaml", "/bin/kill -HUP $MAINPID"],
+        )
+        self.assertIn("procps", _binary_depends(), "/bin/kill is in procps")
+
+    def test_restarts_are_bounded(self) -> None:
+        self.assertDirective("Restart", "on-failure")
+        (delay,) = self.service["RestartSec"]
+        (interval,) = self.unit["StartLimitIntervalSec"]
+        (burst,) = self.unit["StartLimitBurst"]
+        # A start that always fails reaches the limit within the interval.
+        self.assertLess(int(burst) * _seconds(delay), _seconds(interval))
+        self.assertLessEqual(int(burst), 10)
+
+    def test_journal_identifier_and_open_files(self) -> None:
+        self.assertDirective("SyslogIdentifier", "sbg")
+        self.assertDirective("LimitNOFILE", "65536")
 
     def test_hardening_directives(self) -> None:
         for key, value in [
@@ -148,10 +176,12 @@ class SystemdUnitTests(SynchronousTestCase):
             ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
             ("RestrictNamespaces", "yes"),
             ("LockPersonality", "yes"),
-            ("SystemCallFilter", "@system-service"),
             ("SystemCallArchitectures", "native"),
         ]:
             self.assertDirective(key, value)
+        self.assertEqual(
+            self.service["SystemCallFilter"], ["@system-service", "~@privileged @resources"]
+        )
 
     def test_write_execute_memory_stays_allowed(self) -> None:
         # pyOpenSSL's TLS callbacks are cffi closures in W+X memory on
@@ -161,10 +191,25 @@ class SystemdUnitTests(SynchronousTestCase):
     def test_stop_timeout_exceeds_default_shutdown_grace(self) -> None:
         (timeout,) = self.service["TimeoutStopSec"]
         self.assertGreater(_seconds(timeout), 30)
-        self.assertDirective("Restart", "on-failure")
 
-    # `systemd-analyze verify` of the installed unit runs in scripts/ci-deb-check,
-    # where systemd and Debian's twistd3 are installed; it fails CI there.
+    def test_exposure_at_most_1_5(self) -> None:
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            self.fail(
+                "systemd-analyze is missing: apt-get install systemd (scripts/bootstrap does)"
+            )
+        result = subprocess.run(
+            [analyze, "security", "--offline=true", str(DEBIAN / "sbg.service")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        m = re.search(r"Overall exposure level for sbg\.service: ([0-9.]+)", result.stdout)
+        assert m is not None, result.stdout + result.stderr
+        self.assertLessEqual(float(m.group(1)), 1.5, result.stdout)
+
+    # `systemd-analyze verify` of the installed unit, and the unit running
+    # under a real systemd, are in scripts/ci-deb-check.
 
 
 class PluginTests(SynchronousTestCase):
@@ -244,8 +289,30 @@ class InstallLayoutTests(SynchronousTestCase):
         self.assertIn("conf/sbg.yaml etc/sbg/", lines)
         self.assertTrue((ROOT / "conf" / "sbg.yaml").is_file())
 
+    def test_ships_docs_man_pages_dashboard_and_alerts(self) -> None:
+        install = _read(DEBIAN / "sbg.install").split("\n")
+        for source in (
+            "conf/sbg.yaml",
+            "conf/grafana-dashboard.json",
+            "conf/prometheus-alerts.yml",
+        ):
+            self.assertIn(f"{source} usr/share/sbg/", install)
+            self.assertTrue((ROOT / source).is_file(), source)
+        self.assertEqual(_read(DEBIAN / "sbg.manpages").split(), ["man/sbg.1", "man/sbg.yaml.5"])
+        docs = _read(DEBIAN / "sbg.docs").split()
+        self.assertEqual(sorted(docs), ["CHANGELOG.md", "README.md", "docs"])
+        for doc in docs:
+            self.assertTrue((ROOT / doc).exists(), doc)
+
+    def test_maintainer_address_is_not_local(self) -> None:
+        (source,) = [p for p in _control_paragraphs() if "Source" in p]
+        self.assertRegex(source["Maintainer"], r"^[^<>]+ <[^@<>\s]+@[a-z0-9-]+(\.[a-z0-9-]+)+>$")
+        signatures = re.findall(r"(?m)^ -- (.+?)  ", _read(DEBIAN / "changelog"))
+        self.assertTrue(signatures)
+        self.assertEqual(set(signatures), {source["Maintainer"]})
+
     def test_maintainer_scripts_parse(self) -> None:
-        for name in ("sbg.postinst", "sbg.postrm"):
+        for name in ("sbg.postinst", "sbg.prerm", "sbg.postrm"):
             path = DEBIAN / name
             self.assertTrue(_read(path).startswith("#!/bin/sh\n"), name)
             result = subprocess.run(
@@ -260,3 +327,132 @@ class InstallLayoutTests(SynchronousTestCase):
         self.assertIn("statoverride root sbg 0750 /etc/sbg\n", text)
         self.assertIn("statoverride sbg sbg 0700 /var/lib/sbg\n", text)
         self.assertIn("/usr/bin/python3 -c 'from twisted.plugin import", text)
+
+
+class MaintainerScriptTests(SynchronousTestCase):
+    """debian/sbg.postinst and sbg.prerm run with stand-ins recording the calls.
+
+    The stand-ins replace systemctl, deb-systemd-invoke, setpriv, sbg and
+    the account tools; `/run/systemd/system` (present when systemd runs)
+    becomes a directory of the test's. scripts/ci-deb-check runs the real
+    scripts under a real systemd."""
+
+    def setUp(self) -> None:
+        _require_source_tree()
+
+    def run_script(
+        self,
+        name: str,
+        *args: str,
+        active: bool = True,
+        config_ok: bool = True,
+        systemd: bool = True,
+    ) -> tuple[int, list[str], str]:
+        """Exit status, the calls made (one line each) and stderr."""
+        tmp = Path(self.mktemp()).resolve()
+        bin_dir = tmp / "bin"
+        bin_dir.mkdir(parents=True)
+        calls = tmp / "calls"
+        systemd_dir = tmp / "run-systemd-system"
+        if systemd:
+            systemd_dir.mkdir()
+
+        def stub(command: str, body: str = "exit 0") -> None:
+            path = bin_dir / command
+            path.write_text(
+                f'#!/bin/sh\necho "{command} $*" >> "{calls}"\n{body}\n', encoding="utf-8"
+            )
+            path.chmod(0o755)
+
+        for command in ("deb-systemd-invoke", "deb-systemd-helper", "dpkg-statoverride"):
+            stub(command)
+        for command in ("getent", "addgroup", "adduser", "python3"):
+            stub(command)
+        stub(
+            "systemctl",
+            f'case "$*" in *is-active*) exit {0 if active else 3} ;; esac\nexit 0',
+        )
+        # setpriv ... -- COMMAND...: run COMMAND.
+        stub("setpriv", 'while [ "$1" != -- ]; do shift; done\nshift\nexec "$@"')
+        stub(
+            "sbg",
+            "exit 0" if config_ok else 'echo "no_such_key: unknown key" >&2\nexit 1',
+        )
+        text = (
+            _read(DEBIAN / name)
+            .replace("/run/systemd/system", str(systemd_dir))
+            .replace("/usr/bin/sbg", str(bin_dir / "sbg"))
+            .replace("/usr/bin/python3", str(bin_dir / "python3"))
+        )
+        script = tmp / name
+        script.write_text(text, encoding="utf-8")
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        result = subprocess.run(
+            ["sh", str(script), *args], env=env, capture_output=True, text=True, check=False
+        )
+        lines = calls.read_text(encoding="utf-8").splitlines() if calls.exists() else []
+        service_calls = [
+            line.replace(str(bin_dir) + "/", "")
+            for line in lines
+            if line.split()[0] in ("systemctl", "deb-systemd-invoke", "setpriv", "sbg")
+        ]
+        return result.returncode, service_calls, result.stderr
+
+    def test_upgrade_restarts_a_running_gateway_once_its_config_passes(self) -> None:
+        rc, calls, _ = self.run_script("sbg.postinst", "configure", "0.1.0")
+        self.assertEqual(rc, 0)
+        self.assertEqual(
+            calls,
+            [
+                "systemctl --system daemon-reload",
+                "systemctl --quiet is-active sbg.service",
+                "setpriv --reuid=sbg --regid=sbg --init-groups -- sbg check-config /etc/sbg/sbg.yaml",
+                "sbg check-config /etc/sbg/sbg.yaml",
+                "deb-systemd-invoke try-restart sbg.service",
+            ],
+        )
+
+    def test_upgrade_keeps_the_running_gateway_when_the_new_code_refuses_its_config(
+        self,
+    ) -> None:
+        rc, calls, err = self.run_script("sbg.postinst", "configure", "0.1.0", config_ok=False)
+        self.assertEqual(rc, 0)
+        self.assertNotIn("deb-systemd-invoke try-restart sbg.service", calls)
+        self.assertIn("sbg check-config /etc/sbg/sbg.yaml", calls)
+        self.assertIn("sbg.service was NOT restarted", err)
+        self.assertIn("  no_such_key: unknown key", err)
+        self.assertIn("systemctl restart sbg", err)
+
+    def test_upgrade_leaves_a_stopped_gateway_stopped(self) -> None:
+        rc, calls, _ = self.run_script("sbg.postinst", "configure", "0.1.0", active=False)
+        self.assertEqual(rc, 0)
+        self.assertEqual(
+            calls, ["systemctl --system daemon-reload", "systemctl --quiet is-active sbg.service"]
+        )
+
+    def test_installation_starts_nothing(self) -> None:
+        rc, calls, _ = self.run_script("sbg.postinst", "configure", "")
+        self.assertEqual((rc, calls), (0, []))
+
+    def test_without_systemd_nothing_is_asked_of_it(self) -> None:
+        rc, calls, _ = self.run_script("sbg.postinst", "configure", "0.1.0", systemd=False)
+        self.assertEqual((rc, calls), (0, []))
+        rc, calls, _ = self.run_script("sbg.prerm", "remove", systemd=False)
+        self.assertEqual((rc, calls), (0, []))
+
+    def test_remove_stops_the_gateway_upgrade_does_not(self) -> None:
+        rc, calls, _ = self.run_script("sbg.prerm", "remove")
+        self.assertEqual((rc, calls), (0, ["deb-systemd-invoke stop sbg.service"]))
+        rc, calls, _ = self.run_script("sbg.prerm", "upgrade", "0.3.0")
+        self.assertEqual((rc, calls), (0, []))
+
+    def test_debhelper_neither_stops_nor_starts_the_unit(self) -> None:
+        # Else debhelper's preinst would stop the gateway for every upgrade.
+        rules = _read(DEBIAN / "rules")
+        self.assertIn("dh_installsystemd --no-enable --no-start --no-stop-on-upgrade\n", rules)
+
+    def test_purge_deletes_the_state_and_keeps_the_user(self) -> None:
+        text = _read(DEBIAN / "sbg.postrm")
+        purge = text.split("    purge)\n", 1)[1].split(";;", 1)[0]
+        self.assertIn("rm -rf /var/lib/sbg\n", purge)
+        self.assertNotRegex(text, r"(?m)^[^#]*\b(deluser|delgroup|userdel|groupdel)\b")

@@ -190,10 +190,17 @@ def stop(popen: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def spawn(test: TestCase, setup: Setup, *extra: str, name: str = "sbg") -> Process:
+def spawn(
+    test: TestCase,
+    setup: Setup,
+    *extra: str,
+    name: str = "sbg",
+    environ: dict[str, str] | None = None,
+) -> Process:
+    """`twistd -n --pidfile= [EXTRA] sbg -c FILE`, with ENVIRON added."""
     out = os.path.join(setup.directory, f"{name}.stdout")
     err = os.path.join(setup.directory, f"{name}.stderr")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, **(environ or {}))
     with open(out, "wb") as fo, open(err, "wb") as fe:
         popen = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *extra, "sbg", "-c", setup.path],
