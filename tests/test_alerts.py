@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.errors import REFUSAL_CODES
+from sbg.reasons import REFUSAL_CODES
 from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
 
