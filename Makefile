@@ -25,8 +25,8 @@ demo: $(STAMP) $(SYNAPSE_STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m demo.federation
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sbg tests twisted demo bench
-	$(VENV)/bin/ruff format --check sbg tests twisted demo bench
+	$(VENV)/bin/ruff check sbg tests testbed twisted demo bench
+	$(VENV)/bin/ruff format --check sbg tests testbed twisted demo bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy sbg

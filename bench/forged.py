@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from bench import procs, tools
-from tests.configtools import (
+from testbed.configtools import (
     INTERNAL_HOST,
     INTERNAL_SERVER,
     PARTNER_SERVER,

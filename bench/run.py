@@ -30,7 +30,7 @@ from signedjson.key import generate_signing_key
 from bench import baseline, payloads, procs, profile, tools
 from bench.externals import extra_externals
 from bench.nginxconf import nginx_argv, render
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     INTERNAL_HOST,
     INTERNAL_SERVER,

@@ -26,14 +26,14 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from tests.e2e.border import (
+from testbed.e2e.border import (
     describe,
     invite_and_join,
     send_concurrently,
     summarise,
     wait_deliveries,
 )
-from tests.e2e.harness import (
+from testbed.e2e.harness import (
     HS_EVIL,
     HS_EXT,
     HS_INT,
@@ -44,7 +44,7 @@ from tests.e2e.harness import (
     Cluster,
     synapse_available,
 )
-from tests.e2e.matrix_client import MatrixError
+from testbed.e2e.matrix_client import MatrixError
 
 MESSAGES_EACH_WAY = 5
 

@@ -1,6 +1,6 @@
 """sbg running in-process on real loopback sockets, for protocol tests.
 
-`start_gateway` writes a complete configuration (`tests.configtools`),
+`start_gateway` writes a complete configuration (`testbed.configtools`),
 starts a stand-in internal homeserver (`tests.standin`) as its upstream,
 builds the real `GatewayService` (every listener on 127.0.0.1, port 0) and
 returns the bound addresses. Requests are sent with `tests.rawhttp` over
@@ -23,7 +23,7 @@ from sbg.config.load import load_config
 from sbg.config.model import Config
 from sbg.matrix.xmatrix import sign_request, signed_bytes_with_raw_body
 from sbg.service import GatewayService
-from tests.configtools import (
+from testbed.configtools import (
     INTERNAL_HOST,
     INTERNAL_SERVER,
     PARTNER_HOST,

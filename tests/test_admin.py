@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import threads
 
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST, PARTNER_HOST, PARTNER_SERVER
+from testbed.configtools import INTERNAL_HOST, PARTNER_HOST, PARTNER_SERVER
 from tests.gateway import Gateway, bare, start_gateway
 from tests.rawhttp import RawResponse, _read_response, build_request, exchange
 from tests.test_inbound import TXN, txn_body

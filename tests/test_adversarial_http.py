@@ -25,7 +25,7 @@ from twisted.internet import defer, threads
 
 from sbg.matrix.xmatrix import sign_request
 from tests.asynctest import TestCase
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     INTERNAL_HOST,
     INTERNAL_SERVER,

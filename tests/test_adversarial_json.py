@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST, PARTNER_SERVER
+from testbed.configtools import INTERNAL_HOST, PARTNER_SERVER
 from tests.gateway import Gateway, assert_refused, start_gateway
 from tests.rawhttp import build_request
 

@@ -33,7 +33,7 @@ from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Match, match_targ
 from sbg.matrix.groups import GROUPS
 from sbg.reasons import Refusal
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST, INTERNAL_SERVER
+from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import RawResponse, build_request, exchange_sync
 from tests.test_endpoints_property import synapse_route

@@ -3,7 +3,7 @@
 Twisted 22.4's trial (Debian 12) calls a coroutine test method, drops the
 coroutine unawaited and counts a success. A test class with `async def`
 tests must therefore derive from `tests.asynctest.TestCase` (or wrap each
-such method, e.g. with `tests.tlstools.deferred_test`), so that what trial
+such method, e.g. with `testbed.tlstools.deferred_test`), so that what trial
 finds under a `test*` name is a plain function returning a Deferred.
 """
 

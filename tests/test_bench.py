@@ -17,7 +17,7 @@ import twisted.plugins
 from bench import baseline, run
 from bench.externals import extra_externals
 from sbg.config.load import load_config
-from tests.configtools import PARTNER_SERVER, make_material
+from testbed.configtools import PARTNER_SERVER, make_material
 
 PYTHON = sys.executable
 # Where the sbg this test process runs comes from (the source tree, or the

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.commands.check_config import run
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     INTERNAL_HOST,
     INTERNAL_SERVER,

@@ -19,7 +19,7 @@ from sbg.config.load import key_path, load_config, parse_config_text
 from sbg.config.model import Config, HostPattern
 from sbg.config.units import format_duration, format_size, parse_duration, parse_size
 from sbg.errors import ConfigErrors
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     INTERNAL_HOST,
     PARTNER_HOST,

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
+from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
 from tests.gateway import assert_refused, start_gateway
 from tests.rawhttp import build_request
 

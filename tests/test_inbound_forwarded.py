@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.asynctest import TestCase
-from tests.configtools import PARTNER_SERVER
+from testbed.configtools import PARTNER_SERVER
 from tests.gateway import assert_refused, start_gateway
 from tests.rawhttp import exchange
 from tests.test_inbound import TXN, txn_body

@@ -29,10 +29,10 @@ from sbg.matrix.keyfetch import KeyFetcher, KeyFetchError, fetch_target
 from sbg.matrix.xmatrix import parse_authorization, sign_request, verify_request_signature
 from sbg.reasons import Refusal
 from sbg.tls.client import ClientTLSPolicy
-from tests.configtools import INTERNAL_SERVER, PARTNER_HOST, PARTNER_SERVER
-from tests.e2e.pki import CertFiles, issue_server_cert, make_ca
+from testbed.configtools import INTERNAL_SERVER, PARTNER_HOST, PARTNER_SERVER
+from testbed.pki import CertFiles, issue_server_cert, make_ca
 from tests.gateway import assert_refused, start_gateway
-from tests.tlstools import deferred_test
+from testbed.tlstools import deferred_test
 
 DAY_MS = 24 * 3600 * 1000
 TXN = b"/_matrix/federation/v1/send/1700000000042"

@@ -19,9 +19,9 @@ from twisted.trial.unittest import TestCase
 
 from sbg.cli import main
 from sbg.commands.keys_fetch import run
-from tests.configtools import PARTNER_SERVER
+from testbed.configtools import PARTNER_SERVER
 from tests.test_keyfetch import DAY_MS, KeyServer, b64, key_id, make_pki, start_key_server
-from tests.tlstools import deferred_test
+from testbed.tlstools import deferred_test
 
 
 class Result:

@@ -15,7 +15,7 @@ from twisted.internet import threads
 
 from sbg.cli import main
 from tests.asynctest import TestCase
-from tests.configtools import DELETE, PARTNER_SERVER, write_config
+from testbed.configtools import DELETE, PARTNER_SERVER, write_config
 from tests.gateway import Gateway, start_gateway
 
 

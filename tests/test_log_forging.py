@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.logsetup import LogWriter, WriterHandler, escape_controls
 from tests.asynctest import TestCase
-from tests.configtools import DELETE
+from testbed.configtools import DELETE
 from tests.gateway import start_gateway
 
 

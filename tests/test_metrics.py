@@ -28,7 +28,7 @@ from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
 from sbg.reasons import REFUSAL_CODES
 from tests.asynctest import TestCase
-from tests.configtools import (
+from testbed.configtools import (
     INTERNAL_HOST,
     INTERNAL_SERVER,
     PARTNER_SERVER,

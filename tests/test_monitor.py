@@ -121,7 +121,7 @@ class InboundMonitorTests(TestCase):
         self.assertEqual(resp.status, 200)
 
     async def test_peer_rate_limit(self) -> None:
-        from tests.configtools import INTERNAL_HOST
+        from testbed.configtools import INTERNAL_HOST
         from tests.gateway import start_gateway
         from tests.rawhttp import build_request
 

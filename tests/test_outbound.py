@@ -19,7 +19,7 @@ from signedjson.key import generate_signing_key
 
 from sbg.matrix.xmatrix import sign_request
 from tests.asynctest import TestCase
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     INTERNAL_SERVER,
     PARTNER_HOST,

@@ -27,7 +27,7 @@ from twisted.internet import reactor, task, threads
 
 from sbg.commands.check_config import run as check_config
 from tests.asynctest import TestCase
-from tests.configtools import (
+from testbed.configtools import (
     INTERNAL_HOST,
     PARTNER_HOST,
     PARTNER_SERVER,

@@ -20,14 +20,14 @@ from twisted.internet import defer, reactor, task, threads
 
 from sbg.commands.check_config import run as check_config
 from tests.asynctest import TestCase
-from tests.configtools import (
+from testbed.configtools import (
     DELETE,
     EXTERNAL_GROUPS,
     INTERNAL_HOST,
     PARTNER_SERVER,
     write_config,
 )
-from tests.e2e.pki import issue_server_cert
+from testbed.pki import issue_server_cert
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import RawResponse, exchange_sync
 from tests.test_inbound import TXN, txn_body

@@ -20,7 +20,7 @@ from twisted.internet import threads
 
 from sbg.matrix.xmatrix import CANONICAL_FALLBACK_MAX
 from tests.asynctest import TestCase
-from tests.configtools import DELETE, INTERNAL_HOST, PARTNER_SERVER, PROXY_USERNAME
+from testbed.configtools import DELETE, INTERNAL_HOST, PARTNER_SERVER, PROXY_USERNAME
 from tests.gateway import Gateway, assert_refused, start_gateway
 from tests.rawhttp import RawResponse, _read_response, build_request
 from tests.test_inbound import TXN, txn_body

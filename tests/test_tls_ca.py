@@ -23,7 +23,7 @@ from sbg.tls.pem import (
     not_valid_after,
     not_valid_before,
 )
-from tests.tlstools import issue_cert, load_cert, make_ca
+from testbed.tlstools import issue_cert, load_cert, make_ca
 
 
 class InitCATests(SynchronousTestCase):

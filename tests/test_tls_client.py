@@ -16,7 +16,7 @@ from sbg.tls.client import ClientTLSPolicy, NoUpstreamTrust
 from sbg.tls.pem import PemError
 from sbg.tls.server import build_sni_server_context
 from tests.asynctest import TestCase
-from tests.tlstools import (
+from testbed.tlstools import (
     CertFiles,
     RawClientCreator,
     RecordingServerFactory,

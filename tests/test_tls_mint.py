@@ -32,7 +32,7 @@ from sbg.tls.mint import (
 from sbg.tls.pem import not_valid_after, not_valid_before
 from sbg.tls.server import sni_of
 from tests.asynctest import TestCase
-from tests.tlstools import (
+from testbed.tlstools import (
     RawClientCreator,
     load_cert,
     make_ca,

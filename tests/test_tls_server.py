@@ -17,7 +17,7 @@ from twisted.web.server import Request, Site
 from sbg.tls.pem import PemError
 from sbg.tls.server import build_sni_server_context, normalise_name, sni_of
 from tests.asynctest import TestCase
-from tests.tlstools import (
+from testbed.tlstools import (
     CertFiles,
     ProbeResult,
     RawClientCreator,

@@ -32,7 +32,7 @@ from sbg.http.upstream import (
     parse_head,
 )
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST, Material
+from testbed.configtools import INTERNAL_HOST, Material
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import build_request
 from tests.standin import StandinState, start_standin

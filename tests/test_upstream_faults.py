@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import protocol, reactor
 
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_HOST
+from testbed.configtools import INTERNAL_HOST
 from tests.gateway import start_gateway
 from tests.rawhttp import build_request, exchange_sync
 

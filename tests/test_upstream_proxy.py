@@ -13,7 +13,7 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from tests.asynctest import TestCase
-from tests.configtools import PARTNER_HOST
+from testbed.configtools import PARTNER_HOST
 from tests.test_outbound import CONNECT, TXN, signed, start, txn
 
 

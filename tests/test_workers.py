@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer
 
 from tests.asynctest import TestCase
-from tests.configtools import PARTNER_SERVER
+from testbed.configtools import PARTNER_SERVER
 from tests.test_inbound import TXN, txn_body
 from tests.test_process import (
     Process,

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.border import (
+from testbed.e2e.border import (
     Record,
     describe,
     format_endpoint_table,
@@ -34,8 +34,8 @@ from tests.e2e.border import (
     trusted_refusals,
     wait_deliveries,
 )
-from tests.e2e.harness import HS_EVIL, HS_EXT, HS_INT, Cluster, Sbg, start_cluster
-from tests.e2e.matrix_client import MatrixClient, MatrixError, q, wait_until
+from testbed.e2e.harness import HS_EVIL, HS_EXT, HS_INT, Cluster, Sbg, start_cluster
+from testbed.e2e.matrix_client import MatrixClient, MatrixError, q, wait_until
 
 KILL_REASON = "kill switch"
 

@@ -10,7 +10,7 @@ import urllib.request
 
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import (
+from testbed.e2e.harness import (
     HS_EVIL,
     HS_EXT,
     HS_INT,
@@ -20,8 +20,8 @@ from tests.e2e.harness import (
     require_synapse,
     start_cluster,
 )
-from tests.e2e.matrix_client import MatrixClient, MatrixError, wait_until
-from tests.e2e.processes import ProcessError
+from testbed.e2e.matrix_client import MatrixClient, MatrixError, wait_until
+from testbed.e2e.processes import ProcessError
 
 
 class DirectFederationTests(TestCase):

@@ -34,15 +34,15 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.matrix_client import MatrixClient
-from tests.e2e.pki import (
+from testbed.e2e.matrix_client import MatrixClient
+from testbed.e2e.processes import ManagedProcess, ProcessError, clean_environment
+from testbed.pki import (
     CertFiles,
     SigningKeyFiles,
     issue_server_cert,
     make_ca,
     make_signing_key,
 )
-from tests.e2e.processes import ManagedProcess, ProcessError, clean_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYNAPSE_VENV = os.environ.get("SBG_E2E_SYNAPSE_VENV", os.path.join(REPO, ".venv-synapse"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from sbg.matrix.endpoints import match_target
 from sbg.reasons import Refusal
-from tests.e2e.matrix_client import MatrixClient
+from testbed.e2e.matrix_client import MatrixClient
 
 Record = dict[str, Any]
 

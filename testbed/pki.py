@@ -15,8 +15,8 @@ from signedjson.key import (
     write_signing_keys,
 )
 
-from tests.tlstools import CertFiles, issue_cert
-from tests.tlstools import make_ca as _make_ca
+from testbed.tlstools import CertFiles, issue_cert
+from testbed.tlstools import make_ca as _make_ca
 
 __all__ = ["CertFiles", "SigningKeyFiles", "issue_server_cert", "make_ca", "make_signing_key"]
 

@@ -44,7 +44,7 @@ from signedjson.key import (
     write_signing_keys,
 )
 
-from tests.e2e.pki import CertFiles, issue_server_cert, make_ca
+from testbed.pki import CertFiles, issue_server_cert, make_ca
 
 INTERNAL_SERVER = "internal.example"
 INTERNAL_HOST = "matrix.internal.example"

@@ -1,0 +1,1 @@
+"""Real Synapse homeservers federating through a real sbg, on loopback."""
