@@ -32,7 +32,13 @@ from testbed.configtools import (
     make_material,
     write_config,
 )
-from tests.rawhttp import RawResponse, build_request, exchange, exchange_many, tunnel_sync
+from tests.rawhttp import (
+    RawResponse,
+    build_request,
+    exchange,
+    exchange_many,
+    tunnel_sync,
+)
 from tests.standin import StandinState, start_standin
 
 
@@ -205,3 +211,14 @@ def bare(state: dict[str, Any]) -> dict[str, Any]:
     return {
         "engaged": [{"server": e["server"], "direction": e["direction"]} for e in state["engaged"]]
     }
+
+
+def rewrite(
+    gw: Gateway, overrides: dict[str, Any] | None = None, filename: str = "sbg.yaml"
+) -> str:
+    """Write the gateway's configuration again, with OVERRIDES."""
+    base: dict[str, Any] = {
+        "internal_homeservers[0].upstream": f"http://127.0.0.1:{gw.upstream.port}",
+    }
+    base.update(overrides or {})
+    return write_config(gw.material.directory, base, material=gw.material, filename=filename)

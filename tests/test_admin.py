@@ -18,13 +18,12 @@ from typing import Any
 
 from twisted.internet import threads
 
+from testbed.configtools import INTERNAL_HOST, PARTNER_SERVER
 from tests.asynctest import TestCase
-from testbed.configtools import INTERNAL_HOST, PARTNER_HOST, PARTNER_SERVER
-from tests.gateway import Gateway, bare, start_gateway
-from tests.rawhttp import RawResponse, _read_response, build_request, exchange
-from tests.test_inbound import TXN, txn_body
-from tests.test_outbound import CONNECT, signed, start, txn
-from tests.test_reload import rewrite
+from tests.gateway import Gateway, bare, rewrite, start_gateway
+from tests.inbound_requests import TXN, txn_body
+from tests.outbound_tunnels import CONNECT, open_tunnel, send_on, signed, start, txn
+from tests.rawhttp import RawResponse, build_request, exchange
 
 UNSET: Any = object()
 
@@ -431,35 +430,6 @@ class KillEffectTests(TestCase):
         await call(gw, "POST", "/_sbg/kill", {"direction": "outbound"})
         self.assertTrue(await threads.deferToThread(closed_by_peer, sock))
         self.assertEqual(len(ext.requests), 1)
-
-
-async def open_tunnel(test: TestCase, gw: Gateway) -> ssl.SSLSocket:
-    """A kept-alive tunnel to partner.example with one request answered."""
-
-    def run() -> ssl.SSLSocket:
-        raw = socket.create_connection(("127.0.0.1", gw.ports["outbound"]), timeout=10)
-        raw.sendall(b"CONNECT " + CONNECT + b" HTTP/1.1\r\nHost: " + CONNECT + b"\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = raw.recv(1)
-            if not chunk:
-                raise AssertionError("CONNECT refused: " + head.decode())
-            head += chunk
-        assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
-        ctx = ssl.create_default_context(cafile=gw.material.outbound_ca.certificate)
-        sock = ctx.wrap_socket(raw, server_hostname=PARTNER_HOST)
-        resp = send_on(sock, signed("PUT", TXN + b"a", txn()))
-        assert resp.status == 200, resp
-        return sock
-
-    sock = await threads.deferToThread(run)
-    test.addCleanup(sock.close)
-    return sock
-
-
-def send_on(sock: ssl.SSLSocket, request: bytes) -> RawResponse:
-    sock.sendall(request)
-    return _read_response(sock, request.split(b" ", 1)[0])
 
 
 def closed_by_peer(sock: ssl.SSLSocket) -> bool:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.asynctest import TestCase
 from testbed.configtools import INTERNAL_HOST, PARTNER_SERVER
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, assert_refused, start_gateway
 from tests.rawhttp import build_request
 

@@ -32,11 +32,11 @@ from twisted.internet import threads
 from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Match, match_target
 from sbg.matrix.groups import GROUPS
 from sbg.reasons import Refusal
-from tests.asynctest import TestCase
 from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import RawResponse, build_request, exchange_sync
-from tests.test_endpoints_property import synapse_route
+from tests.synapse_model import synapse_auth, synapse_route
 
 EXAMPLES = int(os.environ.get("SBG_FUZZ_EXAMPLES", "0") or 0) or 150
 
@@ -56,43 +56,6 @@ OPEN_BORDER: dict[str, Any] = {
 # --------------------------------------------------------------------------
 # Synapse's router, modelled (synapse/http/server.py on twisted.web)
 # --------------------------------------------------------------------------
-
-
-def synapse_auth(header: bytes) -> tuple[str, str, str, str | None] | None:
-    """Synapse's `_parse_auth_header`: (origin, key, sig, destination) or None.
-
-    Split on the scheme, then on commas with optional SP/HTAB around them
-    (before any unquoting), names lower-cased, last duplicate wins, a value
-    starting with `"` loses its first and last character and `\\x` becomes
-    `x`. Synapse only looks at headers starting with `X-Matrix`.
-    """
-    try:
-        text = header.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not header.startswith(b"X-Matrix"):
-        return None
-    pieces = re.split(r"^X-Matrix +", text, maxsplit=1)
-    if len(pieces) != 2:
-        return None
-    params: dict[str, str] = {}
-    for param in re.split(r"[ \t]*,[ \t]*", pieces[1]):
-        name, sep, value = param.partition("=")
-        if not sep:
-            return None
-        params[name.lower()] = value
-
-    def strip(value: str) -> str:
-        if value.startswith('"'):
-            return re.sub(r"\\(.)", lambda m: m.group(1), value[1:-1])
-        return value
-
-    try:
-        origin, key, sig = (strip(params[n]) for n in ("origin", "key", "sig"))
-    except KeyError:
-        return None
-    dest = params.get("destination")
-    return origin, key, sig, strip(dest) if dest is not None else None
 
 
 # --------------------------------------------------------------------------
@@ -614,7 +577,7 @@ class ByteIdentityTests(TestCase):
         self.assertEqual(failures, [])
 
     async def test_outbound(self) -> None:
-        from tests.test_adversarial_http import start_outbound, tunnel
+        from tests.framing import start_outbound, tunnel
 
         side = await start_outbound(self, {"trust_levels.external.outbound": sorted(GROUPS)})
         changed: list[tuple[bytes, bytes]] = []

@@ -17,9 +17,9 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.reasons import REFUSAL_CODES
 from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
+from sbg.reasons import REFUSAL_CODES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = os.path.join(ROOT, "conf", "prometheus-alerts.yml")

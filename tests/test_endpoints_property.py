@@ -8,17 +8,17 @@ same parameter values there.
 """
 
 import inspect
-import re
 import string
 from collections.abc import Callable
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.matrix.endpoints import ENDPOINTS, ENDPOINTS_BY_NAME, Endpoint, Match, match_target
+from sbg.matrix.endpoints import ENDPOINTS, Endpoint, Match, match_target
 from sbg.reasons import Refusal
+from tests.synapse_model import QUERY_LITERALS, synapse_route
 
 SETTINGS = settings(
     max_examples=400,
@@ -29,57 +29,6 @@ SETTINGS = settings(
 # --------------------------------------------------------------------------
 # A model of Synapse's router (synapse/http/server.py, JsonResource)
 # --------------------------------------------------------------------------
-
-_QUERY_LITERALS = {"profile": "query_profile", "directory": "query_directory"}
-
-
-def _route_regex(template: str) -> re.Pattern[str]:
-    parts = []
-    for seg in template.split("/"):
-        if seg.startswith("{"):
-            parts.append(f"(?P<{seg[1:-1]}>[^/]*)")
-        else:
-            parts.append(re.escape(seg))
-    return re.compile("^" + "/".join(parts) + "$")
-
-
-def _build_routes() -> list[tuple[re.Pattern[str], dict[str, Endpoint]]]:
-    by_template: dict[str, dict[str, Endpoint]] = {}
-    for ep in ENDPOINTS:
-        if ep.name in _QUERY_LITERALS.values():
-            continue  # Synapse has one /query/{type} route
-        by_template.setdefault(ep.template, {})[ep.method] = ep
-    return [(_route_regex(t), methods) for t, methods in by_template.items()]
-
-
-ROUTES = _build_routes()
-
-
-def synapse_route(method: bytes, target: bytes) -> tuple[Endpoint, dict[str, str]] | int:
-    """What twisted.web + Synapse make of a request: (endpoint, params) or a status.
-
-    twisted.web cuts `request.path` at the first `?`; Synapse ASCII-decodes
-    it (400 otherwise), matches each route's anchored regex, answers 405 if
-    the path matches with another method, and `unquote`s the captured
-    parameters. `/query/{queryType}` dispatches on the decoded type.
-    """
-    try:
-        path = target.split(b"?", 1)[0].decode("ascii")
-    except UnicodeDecodeError:
-        return 400
-    wanted = "GET" if method == b"HEAD" else method.decode("latin-1")
-    for regex, methods in ROUTES:
-        m = regex.match(path)
-        if m is None:
-            continue
-        ep = methods.get(wanted)
-        if ep is None:
-            return 405
-        params = {k: unquote(v) for k, v in m.groupdict().items()}
-        if ep.name == "query" and params["queryType"] in _QUERY_LITERALS:
-            return ENDPOINTS_BY_NAME[_QUERY_LITERALS[params["queryType"]]], {}
-        return ep, params
-    return 404
 
 
 # --------------------------------------------------------------------------
@@ -121,7 +70,7 @@ PARAM_VALUES: dict[str, st.SearchStrategy[str]] = {
     "txnId": _opaque,
     "mediaId": _opaque,
     "fileName": _opaque,
-    "queryType": _opaque.filter(lambda s: s not in _QUERY_LITERALS),
+    "queryType": _opaque.filter(lambda s: s not in QUERY_LITERALS),
 }
 
 # Characters that may appear unencoded in a segment (visible ASCII but the
@@ -359,7 +308,7 @@ class AgreesWithSynapseTests(SynchronousTestCase):
     @given(st.data())
     def test_query_types(self, data: st.DataObject) -> None:
         """However /query/{type} is encoded, sbg's group is Synapse's handler's."""
-        qt = data.draw(st.one_of(st.sampled_from(sorted(_QUERY_LITERALS)), _opaque))
+        qt = data.draw(st.one_of(st.sampled_from(sorted(QUERY_LITERALS)), _opaque))
         target = f"/_matrix/federation/v1/query/{data.draw(encoded(qt))}".encode("ascii")
         result = try_match(b"GET", target)
         if isinstance(result, Match):

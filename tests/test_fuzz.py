@@ -39,7 +39,7 @@ from sbg.matrix.origin import check_origin_consistency
 from sbg.matrix.xmatrix import parse_authorization
 from sbg.outbound.proxy import parse_head
 from sbg.reasons import Refusal
-from tests.test_adversarial_targets import synapse_auth, synapse_route
+from tests.synapse_model import synapse_auth, synapse_route
 
 EXAMPLES = int(os.environ.get("SBG_FUZZ_EXAMPLES", "0") or 0) or 1000
 FUZZ = settings(

@@ -14,30 +14,11 @@ from signedjson.key import generate_signing_key
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from tests.asynctest import TestCase
 from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
+from tests.asynctest import TestCase
 from tests.gateway import assert_refused, start_gateway
+from tests.inbound_requests import TXN, txn_body
 from tests.rawhttp import build_request
-
-TXN = b"/_matrix/federation/v1/send/1700000000001"
-
-
-def txn_body(origin: str = PARTNER_SERVER) -> dict[str, object]:
-    return {
-        "origin": origin,
-        "origin_server_ts": 1700000000000,
-        "pdus": [],
-        "edus": [
-            {
-                "edu_type": "m.typing",
-                "content": {
-                    "room_id": "!r:internal.example",
-                    "user_id": f"@bob:{origin}",
-                    "typing": True,
-                },
-            },
-        ],
-    }
 
 
 class AllowedTests(TestCase):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tests.asynctest import TestCase
 from testbed.configtools import PARTNER_SERVER
+from tests.asynctest import TestCase
 from tests.gateway import assert_refused, start_gateway
+from tests.inbound_requests import TXN, txn_body
 from tests.rawhttp import exchange
-from tests.test_inbound import TXN, txn_body
 
 
 def plain(overrides: dict[str, object]) -> dict[str, object]:

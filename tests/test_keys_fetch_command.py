@@ -20,8 +20,8 @@ from twisted.trial.unittest import TestCase
 from sbg.cli import main
 from sbg.commands.keys_fetch import run
 from testbed.configtools import PARTNER_SERVER
-from tests.test_keyfetch import DAY_MS, KeyServer, b64, key_id, make_pki, start_key_server
 from testbed.tlstools import deferred_test
+from tests.keyserver import DAY_MS, KeyServer, b64, key_id, make_pki, start_key_server
 
 
 class Result:

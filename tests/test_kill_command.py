@@ -14,8 +14,8 @@ from typing import Any
 from twisted.internet import threads
 
 from sbg.cli import main
-from tests.asynctest import TestCase
 from testbed.configtools import DELETE, PARTNER_SERVER, write_config
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
 
 

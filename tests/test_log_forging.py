@@ -16,8 +16,8 @@ from twisted.internet import threads
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.logsetup import LogWriter, WriterHandler, escape_controls
-from tests.asynctest import TestCase
 from testbed.configtools import DELETE
+from tests.asynctest import TestCase
 from tests.gateway import start_gateway
 
 

@@ -27,7 +27,6 @@ from sbg.config.load import load_config
 from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
 from sbg.reasons import REFUSAL_CODES
-from tests.asynctest import TestCase
 from testbed.configtools import (
     INTERNAL_HOST,
     INTERNAL_SERVER,
@@ -36,9 +35,10 @@ from testbed.configtools import (
     make_material,
     write_config,
 )
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
+from tests.inbound_requests import TXN, txn_body
 from tests.rawhttp import build_request
-from tests.test_inbound import TXN, txn_body
 
 Samples = list[tuple[str, dict[str, str], float]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.asynctest import TestCase
-from tests.test_outbound import CONNECT, TXN, signed, start, txn
+from tests.outbound_tunnels import CONNECT, TXN, signed, start, txn
 
 
 class OutboundMonitorTests(TestCase):
@@ -57,8 +57,8 @@ class OutboundMonitorTests(TestCase):
 class InboundMonitorTests(TestCase):
     async def test_origin_check_would_deny_in_monitor_mode(self) -> None:
         from tests.gateway import start_gateway
-        from tests.test_inbound import TXN as IN_TXN
-        from tests.test_inbound import txn_body
+        from tests.inbound_requests import TXN as IN_TXN
+        from tests.inbound_requests import txn_body
 
         gw = await start_gateway(self, {"trust_levels.external.mode": "monitor"})
         content = txn_body()
@@ -86,8 +86,8 @@ class InboundMonitorTests(TestCase):
 
     async def test_origin_rate_limit(self) -> None:
         from tests.gateway import start_gateway
-        from tests.test_inbound import TXN as IN_TXN
-        from tests.test_inbound import txn_body
+        from tests.inbound_requests import TXN as IN_TXN
+        from tests.inbound_requests import txn_body
 
         gw = await start_gateway(
             self, {"trust_levels.external.rate_limit": {"per_second": 0.5, "burst": 2}}
@@ -105,8 +105,8 @@ class InboundMonitorTests(TestCase):
         from signedjson.key import generate_signing_key
 
         from tests.gateway import start_gateway
-        from tests.test_inbound import TXN as IN_TXN
-        from tests.test_inbound import txn_body
+        from tests.inbound_requests import TXN as IN_TXN
+        from tests.inbound_requests import txn_body
 
         gw = await start_gateway(
             self, {"trust_levels.external.rate_limit": {"per_second": 0.1, "burst": 1}}

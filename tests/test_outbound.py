@@ -15,10 +15,7 @@ import os
 from typing import Any
 
 from cryptography import x509
-from signedjson.key import generate_signing_key
 
-from sbg.matrix.xmatrix import sign_request
-from tests.asynctest import TestCase
 from testbed.configtools import (
     DELETE,
     INTERNAL_SERVER,
@@ -27,72 +24,11 @@ from testbed.configtools import (
     PROXY_USERNAME,
     Material,
 )
-from tests.gateway import Gateway, start_gateway
+from tests.asynctest import TestCase
+from tests.gateway import start_gateway
+from tests.outbound_tunnels import CONNECT, HOST, TXN, assert_nothing_sent, signed, start, txn
 from tests.rawhttp import build_request
 from tests.standin import StandinState, start_standin
-
-TXN = b"/_matrix/federation/v1/send/1700000000002"
-CONNECT = PARTNER_HOST.encode() + b":8448"
-HOST = PARTNER_HOST.encode() + b":8448"
-INTERNAL_KEY = generate_signing_key("int1")
-
-
-def signed(
-    method: str,
-    target: bytes,
-    content: Any = None,
-    *,
-    origin: str = INTERNAL_SERVER,
-    destination: str | None = PARTNER_SERVER,
-    host: bytes = HOST,
-) -> bytes:
-    auth = sign_request(INTERNAL_KEY, method, target, origin, destination or "x", content)
-    if destination is None:
-        auth = b",".join(p for p in auth.split(b",") if not p.startswith(b"destination="))
-    headers = [(b"Host", host), (b"Authorization", auth), (b"User-Agent", b"Synapse/1.163.2")]
-    body = json.dumps(content).encode() if content is not None else None
-    return build_request(method.encode(), target, headers, body)
-
-
-def txn() -> dict[str, Any]:
-    return {"origin": INTERNAL_SERVER, "origin_server_ts": 1, "pdus": [], "edus": []}
-
-
-async def start(
-    test: TestCase,
-    overrides: dict[str, Any] | None = None,
-    *,
-    upstream: StandinState | None = None,
-    tls_ca: str = "partner",
-) -> tuple[Gateway, StandinState]:
-    """sbg with a TLS stand-in for partner.example behind `addresses`."""
-    holder: dict[str, Any] = {}
-
-    def build(m: Material) -> dict[str, Any]:
-        state, port = start_standin(
-            upstream, tls=(m.partner_tls.certificate, m.partner_tls.private_key)
-        )
-        test.addCleanup(port.stopListening)
-        holder["state"] = state
-        target = f"127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
-        out: dict[str, Any] = {
-            "external_homeservers[0].addresses": {
-                f"{PARTNER_HOST}:8448": target,
-                f"{PARTNER_SERVER}:443": target,
-            },
-            "outbound.proxy_auth": DELETE,
-        }
-        if tls_ca == "internal":
-            out["external_homeservers[0].tls_ca"] = m.internal_ca.certificate
-        out.update(overrides or {})
-        return out
-
-    gw = await start_gateway(test, build)
-    return gw, holder["state"]
-
-
-def assert_nothing_sent(test: TestCase, state: StandinState) -> None:
-    test.assertEqual(state.requests, [], "a refused request reached the destination")
 
 
 class AllowedTests(TestCase):

@@ -19,19 +19,18 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from twisted.internet import defer, reactor, task, threads
 
 from sbg.commands.check_config import run as check_config
-from tests.asynctest import TestCase
 from testbed.configtools import (
     DELETE,
     EXTERNAL_GROUPS,
     INTERNAL_HOST,
     PARTNER_SERVER,
-    write_config,
 )
 from testbed.pki import issue_server_cert
-from tests.gateway import Gateway, start_gateway
+from tests.asynctest import TestCase
+from tests.gateway import Gateway, rewrite, start_gateway
+from tests.inbound_requests import TXN, txn_body
+from tests.outbound_tunnels import CONNECT, signed, start, txn
 from tests.rawhttp import RawResponse, exchange_sync
-from tests.test_inbound import TXN, txn_body
-from tests.test_outbound import CONNECT, signed, start, txn
 
 PROFILE = b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ainternal.example"
 PUBLIC_ROOMS = b"/_matrix/federation/v1/publicRooms"
@@ -59,17 +58,6 @@ def capture_logs(test: TestCase, name: str = "sbg") -> LogCapture:
 
     test.addCleanup(restore)
     return capture
-
-
-def rewrite(
-    gw: Gateway, overrides: dict[str, Any] | None = None, filename: str = "sbg.yaml"
-) -> str:
-    """Write the gateway's configuration again, with OVERRIDES."""
-    base: dict[str, Any] = {
-        "internal_homeservers[0].upstream": f"http://127.0.0.1:{gw.upstream.port}",
-    }
-    base.update(overrides or {})
-    return write_config(gw.material.directory, base, material=gw.material, filename=filename)
 
 
 def served_certificate(gw: Gateway) -> bytes:
@@ -161,7 +149,7 @@ class ReloadAppliesTests(TestCase):
         # A tunnel opened before the reload: its next request is a new
         # request, and a disabled server must be refused.
         gw, ext = await start(self)
-        from tests.test_admin import open_tunnel, send_on
+        from tests.outbound_tunnels import open_tunnel, send_on
 
         sock = await open_tunnel(self, gw)
         config = dict(_outbound_overrides(gw))

@@ -19,11 +19,11 @@ from canonicaljson import encode_canonical_json
 from twisted.internet import threads
 
 from sbg.matrix.xmatrix import CANONICAL_FALLBACK_MAX
-from tests.asynctest import TestCase
 from testbed.configtools import DELETE, INTERNAL_HOST, PARTNER_SERVER, PROXY_USERNAME
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, assert_refused, start_gateway
+from tests.inbound_requests import TXN, txn_body
 from tests.rawhttp import RawResponse, _read_response, build_request
-from tests.test_inbound import TXN, txn_body
 
 # A signature that is well formed and verifies nothing.
 GARBAGE_SIG = "A" * 86

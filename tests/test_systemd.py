@@ -23,17 +23,20 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sbg import systemd
 from tests.asynctest import TestCase
-from tests.test_inbound import TXN, txn_body
-from tests.test_process import (
+from tests.inbound_requests import TXN, txn_body
+from tests.processes import (
+    WORKERS,
     Process,
     Setup,
+    alive,
     make_setup,
+    ready,
     spawn,
     stop,
     wait_healthy,
     wait_until,
+    worker_pids,
 )
-from tests.test_workers import WORKERS, alive, ready, worker_pids
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

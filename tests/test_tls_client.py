@@ -15,7 +15,6 @@ from zope.interface import implementer
 from sbg.tls.client import ClientTLSPolicy, NoUpstreamTrust
 from sbg.tls.pem import PemError
 from sbg.tls.server import build_sni_server_context
-from tests.asynctest import TestCase
 from testbed.tlstools import (
     CertFiles,
     RawClientCreator,
@@ -27,6 +26,7 @@ from testbed.tlstools import (
     probe_tls,
     san_dns,
 )
+from tests.asynctest import TestCase
 
 
 @implementer(IOpenSSLServerConnectionCreator)

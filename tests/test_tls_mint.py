@@ -31,7 +31,6 @@ from sbg.tls.mint import (
 )
 from sbg.tls.pem import not_valid_after, not_valid_before
 from sbg.tls.server import sni_of
-from tests.asynctest import TestCase
 from testbed.tlstools import (
     RawClientCreator,
     load_cert,
@@ -40,6 +39,7 @@ from testbed.tlstools import (
     san_dns,
     san_ips,
 )
+from tests.asynctest import TestCase
 
 _REQUEST = b"GET / HTTP/1.1\r\nHost: hs-ext.test\r\nConnection: close\r\n\r\n"
 

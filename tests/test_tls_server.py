@@ -16,7 +16,6 @@ from twisted.web.server import Request, Site
 
 from sbg.tls.pem import PemError
 from sbg.tls.server import build_sni_server_context, normalise_name, sni_of
-from tests.asynctest import TestCase
 from testbed.tlstools import (
     CertFiles,
     ProbeResult,
@@ -29,6 +28,7 @@ from testbed.tlstools import (
     probe_tls,
     san_dns,
 )
+from tests.asynctest import TestCase
 
 
 def _trust(ca: CertFiles) -> Certificate:

@@ -31,8 +31,8 @@ from sbg.http.upstream import (
     UpstreamResponse,
     parse_head,
 )
-from tests.asynctest import TestCase
 from testbed.configtools import INTERNAL_HOST, Material
+from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
 from tests.rawhttp import build_request
 from tests.standin import StandinState, start_standin

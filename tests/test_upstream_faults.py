@@ -18,8 +18,8 @@ from typing import Any
 
 from twisted.internet import protocol, reactor
 
-from tests.asynctest import TestCase
 from testbed.configtools import INTERNAL_HOST
+from tests.asynctest import TestCase
 from tests.gateway import start_gateway
 from tests.rawhttp import build_request, exchange_sync
 

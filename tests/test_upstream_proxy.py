@@ -12,9 +12,9 @@ from typing import Any
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.asynctest import TestCase
 from testbed.configtools import PARTNER_HOST
-from tests.test_outbound import CONNECT, TXN, signed, start, txn
+from tests.asynctest import TestCase
+from tests.outbound_tunnels import CONNECT, TXN, signed, start, txn
 
 
 class _Pipe(protocol.Protocol):

@@ -9,7 +9,6 @@ the connection to the one under test.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,42 +17,22 @@ from typing import Any
 
 from twisted.internet import defer
 
-from tests.asynctest import TestCase
 from testbed.configtools import PARTNER_SERVER
-from tests.test_inbound import TXN, txn_body
-from tests.test_process import (
+from tests.asynctest import TestCase
+from tests.inbound_requests import TXN, txn_body
+from tests.processes import (
+    WORKERS,
     Process,
     Setup,
+    alive,
     make_setup,
+    ready,
     run_gateway,
     sleep,
     stop,
     wait_until,
+    worker_pids,
 )
-
-WORKERS = 2
-_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
-
-
-def worker_pids(proc: Process) -> dict[int, int]:
-    """The live worker pids by index, from the supervisor's log."""
-    pids: dict[int, int] = {}
-    for index, pid in _STARTED.findall(proc.output()):
-        pids[int(index)] = int(pid)
-    return pids
-
-
-def ready(proc: Process) -> int:
-    """How many workers have started serving so far."""
-    return proc.output().count("[sbg.service] INFO: sbg started")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @asynccontextmanager
