@@ -1,8 +1,16 @@
-"""Parsing of the host names sbg routes on: Host headers, SNI, CONNECT targets.
+"""The one host-name grammar: Host headers, SNI, CONNECT targets, server names.
 
-Every value is normalised the same way before it is compared with the
-configuration's `federation_hosts` / `client_hosts`: host lower-cased, IPv6
-literals without brackets in their compressed form, port as an int or None.
+A host name is labels of letters, digits and hyphens joined by single
+dots, at most 255 characters (Synapse's grammar for the host of a server
+name); an IPv4 dotted quad has that form too.
+An IPv6 literal is written in brackets, except in a CONNECT target.
+
+Every value sbg routes on is normalised the same way before it is compared
+with the configuration's `federation_hosts` / `client_hosts`: host
+lower-cased, a trailing dot dropped, IPv6 literals without brackets in their
+compressed form, port as an int or None. A Matrix server name
+(`is_server_name`) is stricter: as Synapse and the spec read it, no
+trailing dot, and compared as written.
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ import functools
 import ipaddress
 import re
 
-_DNS_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62})(?:\.[a-z0-9-]{1,63})*\.?$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_DNS_NAME = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+_PORT = re.compile(r"[0-9]{1,5}")
+MAX_HOST_LENGTH = 255
 
 
 class HostParseError(ValueError):
@@ -30,13 +39,49 @@ def _normalise_host(host: str) -> str:
         except ValueError:
             pass
     h = host.lower()
-    if len(h) > 255 or not _DNS_NAME.match(h):
+    bare = h[:-1] if h.endswith(".") else h
+    if not is_host_name(bare):
         raise HostParseError(f"not a host name: {host!r}")
-    return h.rstrip(".")
+    return bare
+
+
+def is_host_name(value: str) -> bool:
+    """Whether `value` is a DNS host name (or dotted quad), no trailing dot."""
+    return len(value) <= MAX_HOST_LENGTH and _DNS_NAME.fullmatch(value) is not None
+
+
+def is_server_name(value: str) -> bool:
+    """Whether `value` is a Matrix server name: `host[:port]`.
+
+    `host` is a host name or IPv4 dotted quad, or an IPv6 literal in
+    brackets; `port` is 1 to 5 ASCII digits. The intersection of the spec's
+    grammar and Synapse's: a name accepted here is accepted by both.
+    """
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return False
+        literal, rest = value[1:end], value[end + 1 :]
+        if not _IPV6_CHARS.fullmatch(literal):
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        if not rest:
+            return True
+        return rest.startswith(":") and _PORT.fullmatch(rest[1:]) is not None
+    host, sep, port = value.partition(":")
+    if sep and _PORT.fullmatch(port) is None:
+        return False
+    return is_host_name(host)
+
+
+_IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 
 def _parse_port(text: str) -> int:
-    if not _PORT.match(text):
+    if not _PORT.fullmatch(text):
         raise HostParseError(f"bad port {text!r}")
     port = int(text)
     if not 0 < port < 65536:

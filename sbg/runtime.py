@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 from sbg.audit import AuditLog
+from sbg.clients.keyfetch import KeyFetcher
 from sbg.config.model import InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
 from sbg.http.upstream import UpstreamPool, UpstreamPools
 from sbg.killswitch.switch import KillSwitch
-from sbg.matrix.keyfetch import KeyFetcher
 from sbg.metrics import Metrics
 from sbg.policy.snapshot import Policy
 from sbg.tls.client import ClientTLSPolicy

@@ -18,8 +18,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from sbg.clients.keyfetch import KeyFetcher, KeyFetchError, fetch_target
 from sbg.config.model import ExternalHomeserver, HostPattern, OutboundSettings
-from sbg.matrix.keyfetch import KeyFetcher, KeyFetchError, fetch_target
 from sbg.matrix.xmatrix import parse_authorization, sign_request, verify_request_signature
 from sbg.reasons import Refusal
 from sbg.tls.client import ClientTLSPolicy

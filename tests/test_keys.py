@@ -9,7 +9,6 @@ from signedjson.key import encode_verify_key_base64, generate_signing_key, get_v
 from signedjson.sign import sign_json
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.config.model import ExternalHomeserver
 from sbg.matrix.keys import (
     MAX_KEYS_PER_RESPONSE,
     MAX_VALIDITY_MS,
@@ -40,20 +39,11 @@ class KeyRingTests(SynchronousTestCase):
         self.k1 = generate_signing_key("k1")
         self.k2 = generate_signing_key("k2")
         self.fk = generate_signing_key("f1")
-        self.clock = Clock(NOW_MS)
-        self.ring = KeyRing.from_config(
-            [
-                ExternalHomeserver(
-                    server_name="pinned.test",
-                    verify_keys=(("ed25519:k1", _raw(self.k1)), ("ed25519:k2", _raw(self.k2))),
-                ),
-                ExternalHomeserver(
-                    server_name="fetching.test",
-                    verify_keys=(("ed25519:k1", _raw(self.k1)),),
-                    key_fetch="fetch",
-                ),
-            ],
-            clock=self.clock,
+        self.ring = KeyRing(
+            {
+                "pinned.test": (("ed25519:k1", _raw(self.k1)), ("ed25519:k2", _raw(self.k2))),
+                "fetching.test": (("ed25519:k1", _raw(self.k1)),),
+            }
         )
 
     def test_pinned_keys(self) -> None:
@@ -95,52 +85,6 @@ class KeyRingTests(SynchronousTestCase):
         with self.assertRaises(TypeError):
             keys["ed25519:evil"] = get_verify_key(self.fk)  # type: ignore[index]
         self.assertNotIn("ed25519:evil", self.ring.keys_for("pinned.test"))
-
-    def test_fetched_key_until_expiry(self) -> None:
-        vk = get_verify_key(self.fk)
-        self.ring.add_fetched("fetching.test", "ed25519:f1", vk, NOW_MS + 1000)
-        self.assertEqual(set(self.ring.keys_for("fetching.test")), {"ed25519:k1", "ed25519:f1"})
-        self.clock.ms = NOW_MS + 1000
-        self.assertTrue(self.ring.has_key("fetching.test", "ed25519:f1"))
-        self.clock.ms = NOW_MS + 1001
-        self.assertEqual(set(self.ring.keys_for("fetching.test")), {"ed25519:k1"})
-        # Pinned keys never expire.
-        self.clock.ms = NOW_MS + 10**12
-        self.assertEqual(set(self.ring.keys_for("fetching.test")), {"ed25519:k1"})
-
-    def test_already_expired_key_ignored(self) -> None:
-        self.ring.add_fetched("fetching.test", "ed25519:f1", get_verify_key(self.fk), NOW_MS - 1)
-        self.assertFalse(self.ring.has_key("fetching.test", "ed25519:f1"))
-
-    def test_fetched_key_cannot_replace_pinned(self) -> None:
-        self.ring.add_fetched(
-            "fetching.test", "ed25519:k1", get_verify_key(self.fk), NOW_MS + 10**9
-        )
-        self.assertEqual(
-            bytes(self.ring.keys_for("fetching.test")["ed25519:k1"].encode()), _raw(self.k1)
-        )
-
-    def test_pinned_mode_refuses_fetched_keys(self) -> None:
-        for server in ("pinned.test", "unknown.test"):
-            self.assertRaises(
-                ValueError,
-                self.ring.add_fetched,
-                server,
-                "ed25519:f1",
-                get_verify_key(self.fk),
-                NOW_MS + 1000,
-            )
-        self.assertNotIn("ed25519:f1", self.ring.keys_for("pinned.test"))
-
-    def test_bad_key_id_refused(self) -> None:
-        self.assertRaises(
-            ValueError,
-            self.ring.add_fetched,
-            "fetching.test",
-            "ed25519:a-b",
-            get_verify_key(self.fk),
-            NOW_MS + 1,
-        )
 
     def test_bad_pinned_key_refused(self) -> None:
         self.assertRaises(ValueError, KeyRing, {"a.test": [("ed25519:x", b"short")]})
@@ -298,14 +242,15 @@ class KeyResponseTests(SynchronousTestCase):
         self.assertBad(body)
 
     def test_validated_keys_feed_the_ring(self) -> None:
-        clock = Clock(NOW_MS)
-        ring = KeyRing({"hs.test": []}, frozenset({"hs.test"}), clock)
-        for key_id, (vk, until) in validate_key_response(
-            _response("hs.test", [self.a], old=self.old_entry), "hs.test", NOW_MS
-        ).items():
-            ring.add_fetched("hs.test", key_id, vk, until)
+        usable = {
+            key_id: vk
+            for key_id, (vk, until) in validate_key_response(
+                _response("hs.test", [self.a], old=self.old_entry), "hs.test", NOW_MS
+            ).items()
+            if until >= NOW_MS
+        }
         # The old key expired long ago: only the current one is usable.
-        self.assertEqual(set(ring.keys_for("hs.test")), {"ed25519:a"})
+        self.assertEqual(set(usable), {"ed25519:a"})
         header = sign_request(self.a, "GET", "/x", "hs.test", "hs-int.test", None)
         verify_request_signature(
             parse_authorization([header]),
@@ -313,5 +258,5 @@ class KeyResponseTests(SynchronousTestCase):
             b"/x",
             "hs-int.test",
             None,
-            ring.keys_for("hs.test"),
+            usable,
         )

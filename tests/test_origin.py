@@ -356,8 +356,8 @@ class OriginTests(SynchronousTestCase):
 
     def test_send_membership_sender(self) -> None:
         names = {
-            "join": ("send_join", "send_join_v1", "send_join_v2"),
-            "leave": ("send_leave", "send_leave_v1", "send_leave_v2"),
+            "join": ("send_join", "send_join_v2"),
+            "leave": ("send_leave", "send_leave_v2"),
             "knock": ("send_knock",),
         }
         for membership, endpoints in names.items():
@@ -379,7 +379,7 @@ class OriginTests(SynchronousTestCase):
                     self.refused("malformed_content", endpoint, None)
 
     def test_invite_v1_sender(self) -> None:
-        for endpoint in ("invite", "invite_v1"):
+        for endpoint in ("invite",):
             self.check(endpoint, _member(ME, INTERNAL_USER, "invite"))
             self.refused(
                 "membership_user_mismatch",
@@ -422,21 +422,21 @@ class OriginTests(SynchronousTestCase):
         self.assertNotIn("get_missing_events", CHECKED_ENDPOINTS)
 
     def test_checked_endpoint_names(self) -> None:
-        self.assertTrue(
+        self.assertEqual(
+            CHECKED_ENDPOINTS,
             {
                 "send",
                 "make_join",
                 "make_leave",
                 "make_knock",
-                "send_join_v1",
+                "send_join",
                 "send_join_v2",
-                "send_leave_v1",
+                "send_leave",
                 "send_leave_v2",
                 "send_knock",
-                "invite_v1",
+                "invite",
                 "invite_v2",
-            }
-            <= CHECKED_ENDPOINTS
+            },
         )
 
     def test_checked_names_exist_in_endpoint_table(self) -> None:
@@ -450,3 +450,5 @@ class OriginTests(SynchronousTestCase):
             self.assertTrue(v1 in table or f"{v1}_v1" in table)
         for name in table & {"send_join", "send_leave", "invite", "send_join_v2", "send_leave_v2"}:
             self.assertIn(name, CHECKED_ENDPOINTS)
+        # And no rule is keyed by a name the table does not have.
+        self.assertLessEqual(CHECKED_ENDPOINTS, table)

@@ -104,7 +104,7 @@ class ChainCancelTests(TestCase):
     async def test_cancelled_while_the_proxy_answers(self) -> None:
         from twisted.internet import defer, task
 
-        from sbg.outbound.chain import HTTPConnectEndpoint
+        from sbg.clients.connect import HTTPConnectEndpoint
 
         factory = protocol.Factory.forProtocol(_SlowProxy)
         factory.conns = []  # type: ignore[attr-defined]

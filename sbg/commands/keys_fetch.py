@@ -21,9 +21,9 @@ from typing import TextIO
 
 from signedjson.key import encode_verify_key_base64
 
+from sbg.clients.keyfetch import DEFAULT_KEY_PORT, FETCH_TIMEOUT, KEY_PATH, MAX_RESPONSE_SIZE
 from sbg.hosts import HostParseError, format_authority, parse_authority, server_name_authority
 from sbg.matrix.jsonbody import parse_json_object
-from sbg.matrix.keyfetch import DEFAULT_KEY_PORT, FETCH_TIMEOUT, KEY_PATH, MAX_RESPONSE_SIZE
 from sbg.matrix.keys import KeyResponseError, validate_key_response
 from sbg.reasons import Refusal
 

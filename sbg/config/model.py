@@ -30,17 +30,6 @@ class HostPattern:
     host: str
     port: int | None
 
-    def matches(self, host: str, port: int | None) -> bool:
-        """Whether a Host header / SNI / CONNECT target matches this entry.
-
-        `host` must already be normalised (lower case, no brackets). A value
-        without a port (`port` None) matches only an entry without a port
-        unless the caller supplies the implied default port.
-        """
-        if host != self.host:
-            return False
-        return self.port is None or self.port == port
-
 
 @dataclass(frozen=True)
 class Listener:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Collection
 
 from sbg.config.model import HostPattern
-from sbg.hosts import HostParseError, parse_authority
+from sbg.hosts import HostParseError, is_server_name, parse_authority
 
 _SIZE = re.compile(r"([0-9]+)\s*([KMG]?)", re.IGNORECASE)
 _SIZE_FACTORS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -114,7 +114,7 @@ def parse_server_name(text: str) -> tuple[str, int | None]:
     Raises:
         ValueError: not a server name.
     """
-    if text != text.strip() or not text:
+    if not is_server_name(text):
         raise ValueError(f"not a server name: {text!r}")
     try:
         return parse_authority(text)

@@ -10,7 +10,6 @@ a slow client slows the upstream down instead of filling memory.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from twisted.web import http
 from twisted.web.http_headers import Headers
 
 from sbg.http.upstream import UpstreamClosed, UpstreamPool, UpstreamResponse
+from sbg.matrix.endpoints import target_problem
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect", b"x-forwarded-for"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 _NO_BODY = (204, 304)
-_TARGET = re.compile(rb"/[\x21-\x7e]*")
 
 
 class InvalidTarget(ValueError):
@@ -51,9 +50,11 @@ class InvalidTarget(ValueError):
 
 
 def check_target(target: bytes) -> None:
-    """A request target sbg may write on a request line: no space, no control."""
-    if _TARGET.fullmatch(target) is None:
-        raise InvalidTarget("request target with a space, control or non-ASCII byte")
+    """A request target sbg may write on a request line (the grammar of
+    `sbg.matrix.endpoints.target_problem`)."""
+    problem = target_problem(target)
+    if problem is not None:
+        raise InvalidTarget(problem)
 
 
 def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:

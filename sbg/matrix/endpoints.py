@@ -14,13 +14,13 @@ segment trie, so a match costs one dictionary lookup per segment.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from sbg import reasons
+from sbg.hosts import is_server_name
 from sbg.matrix.groups import GROUPS
 from sbg.reasons import Refusal
 
@@ -200,38 +200,6 @@ ENDPOINTS_BY_NAME: Mapping[str, Endpoint] = MappingProxyType({e.name: e for e in
 # Identifier grammar (light: only what is unambiguous)
 # --------------------------------------------------------------------------
 
-_DNS_HOST = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
-_IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
-
-
-def is_server_name(value: str) -> bool:
-    """Whether `value` has the server-name grammar: `host[:port]`.
-
-    host is a DNS name (labels of `[A-Za-z0-9-]`, at most 255 characters,
-    which also covers dotted-quad IPv4) or a bracketed IPv6 literal; the port
-    is 1 to 5 ASCII digits.
-    """
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            return False
-        literal, rest = value[1:end], value[end + 1 :]
-        if not _IPV6_CHARS.match(literal):
-            return False
-        try:
-            ipaddress.IPv6Address(literal)
-        except ValueError:
-            return False
-    else:
-        host, sep, port = value.partition(":")
-        if len(host) > 255 or not _DNS_HOST.match(host):
-            return False
-        rest = sep + port
-    if not rest:
-        return True
-    return rest.startswith(":") and _PORT.match(rest[1:]) is not None
-
 
 def _room_id(value: str) -> bool:
     # rooms v1-11: !opaque:server (opaque may be anything); v12: ! + base64
@@ -393,20 +361,34 @@ def _decode_segment(raw: bytes) -> str:
     return value
 
 
+def target_problem(target: bytes) -> str | None:
+    """What keeps `target` from being a clean origin-form request target
+    (`/` then visible ASCII, no fragment), None if nothing: the one
+    grammar of a target sbg matches, forwards and writes upstream."""
+    if not target.startswith(b"/"):
+        if target == b"*":
+            return "asterisk-form is not a federation request"
+        if not target:
+            return "empty target"
+        return "only origin-form targets (starting with '/') are accepted"
+    if target.translate(None, _TARGET_BYTES):
+        if b"#" in target:
+            return "a fragment ('#') is not allowed"
+        return "space, control or non-ASCII byte"
+    return None
+
+
 def check_dot_segments(target: bytes) -> None:
     """The hygiene every forwarded target gets, also outside the endpoint
-    table (`allowed_non_matrix_urls`): origin-form, visible ASCII, no
-    fragment, and no `.` or `..` path segment (also percent-encoded).
+    table (`allowed_non_matrix_urls`): a clean origin-form target with no
+    `.` or `..` path segment (also percent-encoded).
 
     Raises:
         Refusal: 400 `malformed_target`.
     """
-    if not target.startswith(b"/"):
-        raise _malformed("only origin-form targets (starting with '/') are accepted")
-    if target.translate(None, _TARGET_BYTES):
-        if b"#" in target:
-            raise _malformed("a fragment ('#') is not allowed")
-        raise _malformed("space, control or non-ASCII byte")
+    problem = target_problem(target)
+    if problem is not None:
+        raise _malformed(problem)
     path = target.partition(b"?")[0]
     for raw in path[1:].split(b"/"):
         if raw and (raw in (b".", b"..") or (b"%" in raw and _decode_segment(raw) in (".", ".."))):
@@ -430,16 +412,9 @@ def match_target(method: bytes, target: bytes) -> Match:
             `unknown_endpoint` for a target no entry matches, 405
             `method_not_allowed` when the path matches only other methods.
     """
-    if not target.startswith(b"/"):
-        if target == b"*":
-            raise _malformed("asterisk-form is not a federation request")
-        if not target:
-            raise _malformed("empty target")
-        raise _malformed("only origin-form targets (starting with '/') are accepted")
-    if target.translate(None, _TARGET_BYTES):
-        if b"#" in target:
-            raise _malformed("a fragment ('#') is not allowed")
-        raise _malformed("space, control or non-ASCII byte")
+    problem = target_problem(target)
+    if problem is not None:
+        raise _malformed(problem)
     path, _, query = target.partition(b"?")
     if b"%" in query and _CONTROL_BYTES.search(_unescape(query)):
         raise _malformed("the query string contains a NUL or control character")

@@ -12,15 +12,13 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 
-from sbg.config.model import ExternalHomeserver
 from sbg.matrix.ids import is_key_id
 
 if TYPE_CHECKING:
@@ -46,24 +44,13 @@ def _verify_key(key_id: str, raw: bytes) -> VerifyKey:
 
 
 class KeyRing:
-    """The keys each external server may sign requests with.
-
-    Pinned keys never change after construction; the fetched-key cache is
-    mutable and meant to be used from the reactor thread only.
+    """The keys each external server is pinned to, by key id (immutable).
 
     Args:
-        pinned: server name -> key id -> 32 raw public key bytes.
-        fetch_servers: the servers in `key_fetch: fetch` mode, the only ones
-            `add_fetched` accepts keys for.
-        clock: seconds since the epoch (e.g. `reactor.seconds`).
+        pinned: server name -> (key id, 32 raw public key bytes) pairs.
     """
 
-    def __init__(
-        self,
-        pinned: Mapping[str, Iterable[tuple[str, bytes]]],
-        fetch_servers: frozenset[str] = frozenset(),
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, pinned: Mapping[str, Iterable[tuple[str, bytes]]]) -> None:
         self._pinned: dict[str, Mapping[str, VerifyKey]] = {}
         for server_name, keys in pinned.items():
             built: dict[str, VerifyKey] = {}
@@ -72,69 +59,13 @@ class KeyRing:
                     raise ValueError(f"bad pinned key {key_id!r} for {server_name}")
                 built[key_id] = _verify_key(key_id, raw)
             self._pinned[server_name] = MappingProxyType(built)
-        self._fetch_servers = fetch_servers
-        self._clock = clock
-        # server name -> key id -> (key, valid until, ms since the epoch)
-        self._fetched: dict[str, dict[str, tuple[VerifyKey, int]]] = {}
-
-    @classmethod
-    def from_config(
-        cls,
-        servers: Iterable[ExternalHomeserver],
-        clock: Callable[[], float] = time.time,
-    ) -> KeyRing:
-        """A key ring for the configured external homeservers."""
-        servers = tuple(servers)
-        return cls(
-            {s.server_name: s.verify_keys for s in servers},
-            frozenset(s.server_name for s in servers if s.key_fetch == "fetch"),
-            clock,
-        )
-
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
 
     def keys_for(self, server_name: str) -> Mapping[str, VerifyKey]:
-        """The keys usable now for `server_name`, by key id.
+        """`server_name`'s pinned keys by key id (empty for an unknown server)."""
+        return self._pinned.get(server_name, _EMPTY)
 
-        Pinned keys, plus unexpired fetched keys of a fetching server (a
-        pinned key id always keeps its pinned key). Empty for an unknown
-        server.
-        """
-        pinned = self._pinned.get(server_name, MappingProxyType({}))
-        fetched = self._fetched.get(server_name)
-        if not fetched:
-            return pinned
-        now = self._now_ms()
-        for key_id in [k for k, (_key, until) in fetched.items() if until < now]:
-            del fetched[key_id]
-        if not fetched:
-            return pinned
-        merged = {k: key for k, (key, _until) in fetched.items()}
-        merged.update(pinned)
-        return MappingProxyType(merged)
 
-    def has_key(self, server_name: str, key_id: str) -> bool:
-        """Whether `key_id` is usable now for `server_name`."""
-        return key_id in self.keys_for(server_name)
-
-    def add_fetched(
-        self, server_name: str, key_id: str, verify_key: VerifyKey, valid_until_ms: int
-    ) -> None:
-        """Remember a fetched key until `valid_until_ms` (ms since the epoch).
-
-        Raises:
-            ValueError: the server is not in `key_fetch: fetch` mode (its
-                pinned keys are the only ones it may use), or the key id is
-                not an ed25519 key id.
-        """
-        if server_name not in self._fetch_servers:
-            raise ValueError(f"{server_name} does not use fetched keys")
-        if not is_key_id(key_id):
-            raise ValueError(f"bad key id {key_id!r}")
-        if valid_until_ms < self._now_ms():
-            return
-        self._fetched.setdefault(server_name, {})[key_id] = (verify_key, valid_until_ms)
+_EMPTY: Mapping[str, VerifyKey] = MappingProxyType({})
 
 
 def _decode_key(key_id: str, entry: object) -> VerifyKey:

@@ -238,14 +238,11 @@ _RULES: Mapping[str, _Rule] = {
     "make_leave": _make,
     "make_knock": _make,
     "send_join": _event_body,
-    "send_join_v1": _event_body,
     "send_join_v2": _event_body,
     "send_leave": _event_body,
-    "send_leave_v1": _event_body,
     "send_leave_v2": _event_body,
     "send_knock": _event_body,
     "invite": _event_body,
-    "invite_v1": _event_body,
     "invite_v2": _invite_v2,
 }
 

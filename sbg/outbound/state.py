@@ -12,11 +12,11 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+from sbg.clients.connect import HTTPConnectEndpoint
 from sbg.config.model import Config
 from sbg.hosts import format_authority
 from sbg.http.upstream import UpstreamPool
 from sbg.killswitch.state import Switch
-from sbg.outbound.chain import HTTPConnectEndpoint
 from sbg.policy.outbound import Tunnel
 from sbg.policy.snapshot import Policy
 from sbg.tls.ca import load_ca

@@ -51,9 +51,9 @@ class Policy:
     trust_levels: Mapping[str, TrustLevel]
     internal_names: frozenset[str]
     enabled_external_names: frozenset[str]
-    # Groups some enabled external server may use inbound / outbound.
+    # Groups some enabled external server may use inbound (the only ones an
+    # unauthenticated request may use).
     inbound_groups_any: frozenset[str]
-    outbound_groups_any: frozenset[str]
     _internal_hosts: _HostTable = field(repr=False)
     _internal_server_hosts: _HostTable = field(repr=False)
     _external_fed_hosts: _HostTable = field(repr=False)
@@ -80,22 +80,19 @@ class Policy:
         levels = {t.name: t for t in config.trust_levels}
         enabled = [e for e in config.external_homeservers if e.enabled]
         inbound_any: set[str] = set()
-        outbound_any: set[str] = set()
         for e in enabled:
             level = levels.get(e.trust_level)
             if level is not None:
                 inbound_any |= level.inbound
-                outbound_any |= level.outbound
         return cls(
             config=config,
-            keyring=KeyRing.from_config(config.external_homeservers),
+            keyring=KeyRing({e.server_name: e.verify_keys for e in config.external_homeservers}),
             internal_by_name={hs.server_name: hs for hs in config.internal_homeservers},
             external_by_name={e.server_name: e for e in config.external_homeservers},
             trust_levels=levels,
             internal_names=frozenset(hs.server_name for hs in config.internal_homeservers),
             enabled_external_names=frozenset(e.server_name for e in enabled),
             inbound_groups_any=frozenset(inbound_any),
-            outbound_groups_any=frozenset(outbound_any),
             _internal_hosts=internal_hosts,
             _internal_server_hosts=internal_server_hosts,
             _external_fed_hosts=fed,

@@ -43,11 +43,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from sbg.clients.connect import HTTPConnectEndpoint
 from sbg.config.model import ExternalHomeserver, OutboundSettings
 from sbg.hosts import HostParseError, format_authority, server_name_authority
 from sbg.matrix.jsonbody import parse_json_object
 from sbg.matrix.keys import KeyResponseError, validate_key_response
-from sbg.outbound.chain import HTTPConnectEndpoint
 from sbg.reasons import Refusal
 from sbg.tls.client import ClientTLSPolicy, NoUpstreamTrust
 from sbg.tls.pem import PemError
