@@ -58,11 +58,7 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, lis
 
 def config_keys() -> dict[str, tuple[str, ...]]:
     """The loader's tables of accepted keys, by table name."""
-    return {
-        name: value
-        for name, value in vars(load).items()
-        if re.fullmatch(r"_[A-Z_]+_KEYS", name) and isinstance(value, tuple)
-    }
+    return dict(load.KEY_TABLES)
 
 
 class SbgManPageTests(SynchronousTestCase):
