@@ -1,14 +1,17 @@
 """What the listeners share while sbg runs.
 
-The `Runtime` holds the current `Policy` snapshot (swapped whole on reload),
-the kill switch, the audit log and metrics, and the long-lived HTTP client
-machinery (connection pools, TLS client contexts). Handlers read
-`runtime.policy` once per request and keep that snapshot to the end.
+The `Runtime` holds the current `Snapshot` of the configuration (the
+policy, the inbound TLS contexts and the interception CA, built whole by
+a reload and swapped in one assignment), the kill switch, the audit log
+and metrics, and the long-lived HTTP client machinery (connection pools,
+TLS client contexts). Handlers read `runtime.policy` (or `snapshot`) once
+per request and keep what they read to the end.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
@@ -18,14 +21,17 @@ from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.clients.keyfetch import KeyFetcher
-from sbg.config.model import InternalHomeserver
+from sbg.config.model import Config, InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
 from sbg.http.upstream import UpstreamPool, UpstreamPools
 from sbg.killswitch.switch import KillSwitch
 from sbg.metrics import Metrics
 from sbg.policy.snapshot import Policy
+from sbg.tls.ca import load_ca
 from sbg.tls.client import ClientTLSPolicy
+from sbg.tls.mint import CertMinter
+from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +65,64 @@ class _InternalTLSEndpoint:
         return wrapClientTLS(creator, tcp).connect(protocolFactory)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one configuration puts into service.
+
+    Attributes:
+        policy: the compiled decisions' inputs.
+        inbound_tls: the inbound certificates by SNI (None: no inbound
+            listener terminates TLS).
+        minter: the interception CA's certificate minter (None: no
+            `outbound.ca`).
+    """
+
+    policy: Policy
+    inbound_tls: SNIServerContextFactory | None
+    minter: CertMinter | None
+
+    @classmethod
+    def build(cls, config: Config, inbound_tls: bool) -> Snapshot:
+        """Read and build everything `config` names, files included (a
+        renewed certificate or CA at the same path is read again).
+
+        Raises:
+            Exception: anything that cannot be put into service.
+        """
+        policy = Policy.build(config)
+        tls = build_sni_server_context(inbound_tls_entries(config)) if inbound_tls else None
+        ca = config.outbound.ca
+        minter = CertMinter(load_ca(ca.certificate, ca.private_key)) if ca else None
+        return cls(policy, tls, minter)
+
+
+def inbound_tls_entries(config: Config) -> list[tuple[list[str], str, str]]:
+    """(names, certificate file, key file) of every internal homeserver."""
+    entries: list[tuple[list[str], str, str]] = []
+    for hs in config.internal_homeservers:
+        if hs.tls is None:
+            continue
+        names = [p.host for p in hs.federation_hosts]
+        names.append(
+            hs.server_name.rsplit(":", 1)[0] if "]" not in hs.server_name else hs.server_name
+        )
+        entries.append((names, hs.tls.certificate, hs.tls.private_key))
+    return entries
+
+
 class Runtime:
     """What every listener of one process shares while sbg runs."""
 
     def __init__(
         self,
         reactor: Any,
-        policy: Policy,
+        snapshot: Snapshot,
         killswitch: KillSwitch,
         audit: AuditLog,
         metrics: Metrics,
     ) -> None:
         self.reactor = reactor
-        self._policy = policy
+        self.snapshot = snapshot
         self.killswitch = killswitch
         self.audit = audit
         self.metrics = metrics
@@ -81,17 +132,19 @@ class Runtime:
         # connection the server just closed.
         self.pool = UpstreamPools()
         self.inflight = InflightBudget()
-        self.body_budget = BodyBudget(lambda: self._policy.config.limits.max_buffered_bytes)
+        self.body_budget = BodyBudget(lambda: self.snapshot.policy.config.limits.max_buffered_bytes)
         self.rate_limiter = RateLimiter(reactor.seconds)
         # Fetched signing keys outlive policy snapshots (contract 5.2).
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
 
     @property
     def policy(self) -> Policy:
-        return self._policy
+        return self.snapshot.policy
 
-    def swap_policy(self, policy: Policy) -> None:
-        self._policy = policy
+    def swap(self, snapshot: Snapshot) -> None:
+        """Put a reload's snapshot into service (one assignment): every new
+        request and connection uses it; those in flight keep theirs."""
+        self.snapshot = snapshot
 
     def upstream_pool(self, internal: InternalHomeserver) -> UpstreamPool:
         """The connection pool to `internal`'s upstream (made on first use)."""

@@ -52,37 +52,24 @@ from sbg.killswitch.switch import KillSwitch
 from sbg.metrics import Metrics
 from sbg.outbound.proxy import OutboundProxyFactory
 from sbg.outbound.state import OutboundState
-from sbg.policy.snapshot import Policy
 from sbg.reasons import Reason
-from sbg.runtime import Runtime
-from sbg.tls.ca import load_ca
-from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
+from sbg.runtime import Runtime, Snapshot
 
 logger = logging.getLogger(__name__)
 
 
 @implementer(IOpenSSLServerConnectionCreator)
-class _SwappableServerTLS:
-    """Inbound TLS contexts that a reload can replace (renewed certificates)."""
+class _SnapshotServerTLS:
+    """The inbound TLS contexts of the snapshot in service (a reload's
+    renewed certificates apply to the next connection)."""
 
-    def __init__(self, factory: SNIServerContextFactory) -> None:
-        self.current = factory
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> Any:
-        return self.current.serverConnectionForTLS(tlsProtocol)
-
-
-def inbound_tls_entries(config: Config) -> list[tuple[list[str], str, str]]:
-    entries: list[tuple[list[str], str, str]] = []
-    for hs in config.internal_homeservers:
-        if hs.tls is None:
-            continue
-        names = [p.host for p in hs.federation_hosts]
-        names.append(
-            hs.server_name.rsplit(":", 1)[0] if "]" not in hs.server_name else hs.server_name
-        )
-        entries.append((names, hs.tls.certificate, hs.tls.private_key))
-    return entries
+        tls = self._runtime.snapshot.inbound_tls
+        assert tls is not None, "an inbound TLS listener has its contexts"
+        return tls.serverConnectionForTLS(tlsProtocol)
 
 
 def tcp_server_endpoint(reactor: Any, listener: Listener, address: str) -> IStreamServerEndpoint:
@@ -118,13 +105,11 @@ def install_signal_handlers(
     signal.signal(signal.SIGTERM, on_term)
 
 
-def read_reload(
-    started: Config, metrics: Metrics, inbound_tls: bool
-) -> tuple[Config, Policy, SNIServerContextFactory | None] | None:
+def read_reload(started: Config, metrics: Metrics, inbound_tls: bool) -> Snapshot | None:
     """Read `started`'s file again and build what a reload puts into
-    service; None when it is refused (each problem logged as `reload
-    refused: ...`, the failure counted). Changes only a restart applies
-    are logged, every time, and left alone."""
+    service, in full, before anything is swapped; None when it is refused
+    (each problem logged as `reload refused: ...`, the failure counted).
+    Changes only a restart applies are logged, every time, and left alone."""
     try:
         new = load_config(started.path)
     except ConfigErrors as e:
@@ -136,27 +121,11 @@ def read_reload(
         if getattr(new, attribute) != getattr(started, attribute):
             logger.warning("%s changes need a restart; they were not applied", label)
     try:
-        policy, tls = prepare_reload(new, inbound_tls)
+        return Snapshot.build(new, inbound_tls)
     except Exception as e:
         logger.error("reload refused: %s", e)
         metrics.config_reloads.labels("failure").inc()
         return None
-    return new, policy, tls
-
-
-def prepare_reload(
-    config: Config, inbound_tls: bool
-) -> tuple[Policy, SNIServerContextFactory | None]:
-    """What a reload puts into service, built in full before anything is
-    swapped: the policy, the inbound TLS contexts (when an inbound listener
-    terminates TLS) and a check that the interception CA loads. Raises on
-    anything that cannot be put into service."""
-    policy = Policy.build(config)
-    tls = build_sni_server_context(inbound_tls_entries(config)) if inbound_tls else None
-    ca = config.outbound.ca
-    if ca is not None:
-        load_ca(ca.certificate, ca.private_key)
-    return policy, tls
 
 
 class GatewayService(MultiService):
@@ -207,14 +176,15 @@ class GatewayService(MultiService):
         self._ks_poll = LoopingCall(tick)
         self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
+        inbound_tls = any(li.type == "inbound" and li.tls for li in config.listeners)
         self.runtime = Runtime(
-            reactor, Policy.build(config), self.killswitch, AuditLog(), self.metrics
+            reactor, Snapshot.build(config, inbound_tls), self.killswitch, AuditLog(), self.metrics
         )
         self.outbound = OutboundState(self.runtime, self.tracker)
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
         self._update_certificate_expiry(config)
-        self._inbound_tls: _SwappableServerTLS | None = None
+        self._inbound_tls = inbound_tls
         self._ports: list[StreamServerEndpointService] = []
         self._connections: list[LimitedFactory] = []
         self._port_owners: list[tuple[Listener, str]] = []
@@ -256,11 +226,9 @@ class GatewayService(MultiService):
                 idle_timeout=self.config.inbound.idle_timeout,
             )
             if listener.tls:
-                if self._inbound_tls is None:
-                    self._inbound_tls = _SwappableServerTLS(
-                        build_sni_server_context(inbound_tls_entries(self.config))
-                    )
-                http_factory = TLSMemoryBIOFactory(self._inbound_tls, False, http_factory)
+                http_factory = TLSMemoryBIOFactory(
+                    _SnapshotServerTLS(self.runtime), False, http_factory
+                )
             return self._limited(http_factory, "inbound")
         if listener.type == "outbound":
             return self._limited(OutboundProxyFactory(self.outbound), "outbound")
@@ -328,14 +296,12 @@ class GatewayService(MultiService):
 
     def reload(self) -> bool:
         """Re-read the configuration file; True if the new one took effect."""
-        loaded = read_reload(self._started, self.metrics, self._inbound_tls is not None)
-        if loaded is None:
+        snapshot = read_reload(self._started, self.metrics, self._inbound_tls)
+        if snapshot is None:
             return False
-        new, policy, tls = loaded
-        self.runtime.swap_policy(policy)
-        if tls is not None and self._inbound_tls is not None:
-            self._inbound_tls.current = tls
-        self.outbound.reconfigure(new)
+        self.runtime.swap(snapshot)
+        new = snapshot.policy.config
+        self.outbound.reconfigure()
         self.config = new
         self._update_certificate_expiry(new)
         if self._on_reconfigure is not None:

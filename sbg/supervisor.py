@@ -319,12 +319,11 @@ class SupervisorService(MultiService):
         """Check the file once here (the workers' own checks), then have
         every worker apply it: a refused file is refused once, never passed on."""
         inbound_tls = any(li.type == "inbound" and li.tls for li in self._started.listeners)
-        loaded = read_reload(self._started, self.metrics, inbound_tls)
-        if loaded is None:
+        snapshot = read_reload(self._started, self.metrics, inbound_tls)
+        if snapshot is None:
             return False
-        new, policy, _tls = loaded
-        self.policy = policy
-        self.config = new
+        self.policy = snapshot.policy
+        new = self.config = snapshot.policy.config
         update_certificate_expiry(new, self.metrics)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)

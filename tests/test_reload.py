@@ -23,14 +23,15 @@ from testbed.configtools import (
     DELETE,
     EXTERNAL_GROUPS,
     INTERNAL_HOST,
+    PARTNER_HOST,
     PARTNER_SERVER,
 )
-from testbed.pki import issue_server_cert
+from testbed.pki import issue_server_cert, make_ca
 from tests.asynctest import TestCase
 from tests.gateway import Gateway, rewrite, start_gateway
 from tests.inbound_requests import TXN, txn_body
 from tests.outbound_tunnels import CONNECT, signed, start, txn
-from tests.rawhttp import RawResponse, exchange_sync
+from tests.rawhttp import RawResponse, exchange_sync, tunnel_sync
 
 PROFILE = b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ainternal.example"
 PUBLIC_ROOMS = b"/_matrix/federation/v1/publicRooms"
@@ -188,6 +189,53 @@ class ReloadAppliesTests(TestCase):
             expected = ssl.PEM_cert_to_DER_cert(f.read().decode())
         self.assertNotEqual(before, after)
         self.assertEqual(after, expected)
+
+    async def test_certificate_renewed_at_the_same_path_is_read_again(self) -> None:
+        gw = await start_gateway(self)
+        before = await threads.deferToThread(served_certificate, gw)
+        path = gw.material.internal_tls
+        # Renewed in place (as certbot or an operator's cron does): same
+        # paths, same configuration file.
+        renewed = issue_server_cert(
+            gw.material.internal_ca,
+            os.path.dirname(path.certificate),
+            os.path.basename(path.certificate)[: -len(".crt")],
+            [INTERNAL_HOST, "internal.example"],
+        )
+        self.assertEqual(renewed, path)
+        # Served from memory until the reload: the renewal alone changes nothing.
+        self.assertEqual(await threads.deferToThread(served_certificate, gw), before)
+        self.assertTrue(gw.service.reload())
+        after = await threads.deferToThread(served_certificate, gw)
+        with open(path.certificate, "rb") as f:
+            expected = ssl.PEM_cert_to_DER_cert(f.read().decode())
+        self.assertNotEqual(before, after)
+        self.assertEqual(after, expected)
+
+    async def test_interception_ca_renewed_at_the_same_path_is_read_again(self) -> None:
+        gw, _ext = await start(self)
+        ca = gw.material.outbound_ca
+        with open(ca.certificate, "rb") as f:
+            old_pem = f.read()
+        old_file = os.path.join(gw.material.directory, "old-ca.crt")
+        with open(old_file, "wb") as f:
+            f.write(old_pem)
+        renewed = make_ca(
+            os.path.dirname(ca.certificate),
+            "sbg interception test CA, renewed",
+            os.path.basename(ca.certificate)[: -len(".crt")],
+        )
+        self.assertEqual(renewed, ca)
+        self.assertTrue(gw.service.reload())
+        # A new tunnel's certificate is minted by the renewed CA: a client
+        # trusting only the renewed CA accepts it, one trusting only the
+        # old CA does not.
+        answer, [resp], _ = await gw.outbound(CONNECT, [signed("PUT", TXN, txn())])
+        self.assertEqual((answer.status, resp.status), (200, 200))
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            await threads.deferToThread(
+                tunnel_sync, gw.ports["outbound"], CONNECT, [], sni=PARTNER_HOST, ca_file=old_file
+            )
 
     async def test_listener_change_logged_as_needing_restart(self) -> None:
         gw = await start_gateway(self)

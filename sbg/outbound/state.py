@@ -13,14 +13,12 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from sbg.clients.connect import HTTPConnectEndpoint
-from sbg.config.model import Config
 from sbg.hosts import format_authority
 from sbg.http.upstream import UpstreamPool
 from sbg.killswitch.state import Switch
 from sbg.policy.outbound import Tunnel
 from sbg.policy.snapshot import Policy
-from sbg.tls.ca import load_ca
-from sbg.tls.mint import CertMinter, InterceptingServerContextFactory
+from sbg.tls.mint import InterceptingServerContextFactory
 
 if TYPE_CHECKING:
     from sbg.http.pipeline import InflightTracker
@@ -54,28 +52,27 @@ class OutboundState:
     def __init__(self, runtime: Runtime, tracker: InflightTracker) -> None:
         self.runtime = runtime
         self.tracker = tracker
-        self._minter: CertMinter | None = None
         self._tunnels: set[TunnelConnection] = set()
         self._clients: OrderedDict[tuple[Any, ...], UpstreamPool] = OrderedDict()
-        self.reconfigure(runtime.policy.config)
 
     # -- configuration -----------------------------------------------------
 
-    def reconfigure(self, config: Config) -> None:
-        # Read again even from the same paths: a renewed CA takes effect.
-        ca = config.outbound.ca
-        self._minter = CertMinter(load_ca(ca.certificate, ca.private_key)) if ca else None
+    def reconfigure(self) -> None:
+        """After a reload: connections made under the old trust are closed
+        once idle, never reused for a new request."""
         for pool in self._clients.values():
             pool.closeCachedConnections()
         self._clients.clear()
 
     @property
     def has_ca(self) -> bool:
-        return self._minter is not None
+        return self.runtime.snapshot.minter is not None
 
     def interception_context(self, fallback_name: str) -> InterceptingServerContextFactory:
-        assert self._minter is not None, "a tunnel is accepted only with a CA"
-        return InterceptingServerContextFactory(self._minter, fallback_name)
+        """TLS towards the internal homeserver, minted by the CA in service."""
+        minter = self.runtime.snapshot.minter
+        assert minter is not None, "a tunnel is accepted only with a CA"
+        return InterceptingServerContextFactory(minter, fallback_name)
 
     # -- open tunnels ------------------------------------------------------
 
