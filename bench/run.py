@@ -158,7 +158,7 @@ def _start(server: procs.Server, port: int, timeout: float = 30.0) -> None:
         procs.wait_port(port, timeout, server.proc)
     except (RuntimeError, TimeoutError):
         server.stop()
-        raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}")
+        raise RuntimeError(f"{server.name} did not start:\n{server.log_tail()}") from None
 
 
 def _start_sbg(env: Env, target: str, config: str, source: str, attempts: int) -> None:
@@ -186,11 +186,11 @@ def _start_sbg(env: Env, target: str, config: str, source: str, attempts: int) -
         except RuntimeError as e:
             tail = server.log_tail(60)
             if baseline.REFUSAL in tail:
-                raise baseline.BaseError(f"{label}: {e}")
+                raise baseline.BaseError(f"{label}: {e}") from None
             if target == BASE and "invalid configuration" in tail:
                 raise baseline.BaseError(
                     f"{label} rejects the benchmark configuration ({config}):\n{tail}"
-                )
+                ) from None
             print(f"bench: {label} failed to start (attempt {attempt + 1}): {e}", file=sys.stderr)
             if attempt + 1 < attempts:
                 time.sleep(15)

@@ -25,7 +25,7 @@ MAX_HOST_LENGTH = 255
 
 
 class HostParseError(ValueError):
-    pass
+    """A value that is not a host, authority or CONNECT target."""
 
 
 def _normalise_host(host: str) -> str:
@@ -104,7 +104,7 @@ def parse_authority(value: str) -> tuple[str, int | None]:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise HostParseError(f"not an IPv6 literal: {host!r}")
+            raise HostParseError(f"not an IPv6 literal: {host!r}") from None
         if not rest:
             return _normalise_host(host), None
         if not rest.startswith(":"):
@@ -129,7 +129,7 @@ def parse_connect_target(value: str) -> tuple[str, int]:
         try:
             ipaddress.IPv6Address(addr)
         except ValueError:
-            raise HostParseError(f"not an IPv6 literal: {addr!r}")
+            raise HostParseError(f"not an IPv6 literal: {addr!r}") from None
         host, port = _normalise_host(addr), _parse_port(port_text)
     else:
         host, port = parse_authority(value)

@@ -34,6 +34,8 @@ SHARED_FAMILIES = frozenset({"sbg_killswitch_state_errors"})
 
 
 class Metrics:
+    """sbg's Prometheus metric families, in a registry of their own."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -24,7 +24,7 @@ from sbg.clients.keyfetch import KeyFetcher
 from sbg.config.model import Config, InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
-from sbg.http.upstream import UpstreamPool, UpstreamPools
+from sbg.http.upstream_pool import UpstreamPool, UpstreamPools
 from sbg.killswitch.switch import KillSwitch
 from sbg.metrics import Metrics
 from sbg.policy.snapshot import Policy

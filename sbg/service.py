@@ -129,6 +129,8 @@ def read_reload(started: Config, metrics: Metrics, inbound_tls: bool) -> Snapsho
 
 
 class GatewayService(MultiService):
+    """The gateway of one process: its listeners, runtime, reload and stop."""
+
     def __init__(
         self,
         config: Config,
@@ -153,25 +155,7 @@ class GatewayService(MultiService):
         self._on_reconfigure = on_reconfigure
         self._install_signals = install_signals
         self.metrics = Metrics()
-        count = self.metrics.killswitch_errors
-        if adopted is not None:
-            if killswitch_fd is None:
-                raise ValueError("a worker needs the supervisor's kill-switch memory")
-            self.killswitch = KillSwitch(
-                config.state_dir,
-                shared=SharedState.attach(killswitch_fd),
-                follower=True,
-                on_problem=lambda kind: count.labels(kind).inc(),
-            )
-            # Requests check the shared state themselves; this closes the
-            # open tunnels a switch covers even when no request comes.
-            tick = self.killswitch.refresh
-        else:
-            self.killswitch = KillSwitch(
-                config.state_dir, on_problem=lambda kind: count.labels(kind).inc()
-            )
-            # A state file damaged or deleted under sbg is written again.
-            tick = self.killswitch.check_file
+        self.killswitch, tick = self._make_killswitch(config, killswitch_fd)
         self.killswitch.load()
         self._ks_poll = LoopingCall(tick)
         self._ks_poll.clock = reactor
@@ -191,24 +175,50 @@ class GatewayService(MultiService):
         self._stopping = False
         # What is in service until a restart, whatever later reloads say.
         self._started = config
+        self._add_ports(config, adopted)
+
+    # -- construction ------------------------------------------------------
+
+    def _make_killswitch(
+        self, config: Config, killswitch_fd: int | None
+    ) -> tuple[KillSwitch, Callable[[], None]]:
+        """This process's kill switch, and what it does every second."""
+        count = self.metrics.killswitch_errors
+        if self._adopted is None:
+            ks = KillSwitch(config.state_dir, on_problem=lambda kind: count.labels(kind).inc())
+            # A state file damaged or deleted under sbg is written again.
+            return ks, ks.check_file
+        if killswitch_fd is None:
+            raise ValueError("a worker needs the supervisor's kill-switch memory")
+        ks = KillSwitch(
+            config.state_dir,
+            shared=SharedState.attach(killswitch_fd),
+            follower=True,
+            on_problem=lambda kind: count.labels(kind).inc(),
+        )
+        # Requests check the shared state themselves; this closes the open
+        # tunnels a switch covers even when no request comes.
+        return ks, ks.refresh
+
+    def _add_ports(self, config: Config, adopted: Mapping[tuple[int, str], int] | None) -> None:
+        """One listening port per (listener, bind address), as child services
+        (a worker adopts the supervisor's sockets and has no admin listener)."""
         for index, listener in enumerate(config.listeners):
             if adopted is not None and listener.type == "admin":
                 continue
             factory = self._factory_for(listener)
             for address in listener.bind_addresses:
-                endpoint = tcp_server_endpoint(reactor, listener, address)
+                endpoint = tcp_server_endpoint(self.reactor, listener, address)
                 if adopted is not None:
                     family = socket.AF_INET6 if ":" in address else socket.AF_INET
                     endpoint = AdoptedStreamServerEndpoint(
-                        reactor, adopted[(index, address)], family
+                        self.reactor, adopted[(index, address)], family
                     )
                 svc = StreamServerEndpointService(endpoint, factory)
                 svc._raiseSynchronously = True
                 svc.setServiceParent(self)
                 self._ports.append(svc)
                 self._port_owners.append((listener, address))
-
-    # -- construction ------------------------------------------------------
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for an ILogObserver before it starts
@@ -259,7 +269,7 @@ class GatewayService(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             logger.error("sbg: %s", e)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()

@@ -93,7 +93,7 @@ def bind_sockets(config: Config) -> list[BoundSocket]:
                     sock.bind((address, listener.port))
                     sock.listen(socket.SOMAXCONN)
                 except OSError as e:
-                    raise error.CannotListenError(address, listener.port, e)
+                    raise error.CannotListenError(address, listener.port, e) from None
     except BaseException:
         for b in bound:
             b.sock.close()
@@ -147,6 +147,9 @@ class _Worker(ProcessProtocol):
 
 
 class SupervisorService(MultiService):
+    """The process of `workers: N` that binds the sockets, holds the kill switches and the
+    admin listener, and runs the workers."""
+
     def __init__(
         self,
         config: Config,
@@ -216,7 +219,7 @@ class SupervisorService(MultiService):
             super().privilegedStartService()
         except error.CannotListenError as e:
             logger.error("sbg: %s", e)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         super().startService()

@@ -57,7 +57,7 @@ def makeService(options: usage.Options) -> IService:
     try:
         config = load_config(path)
     except ConfigErrors as e:
-        raise _fail([f"sbg: invalid configuration {e.path}:", *e.lines()])
+        raise _fail([f"sbg: invalid configuration {e.path}:", *e.lines()]) from None
     writer = LogWriter(_log_stream(options), config.log_format, config.log_level)
     install_stdlib(writer)
     try:
@@ -78,6 +78,6 @@ def makeService(options: usage.Options) -> IService:
             on_reconfigure=lambda c: writer.configure(c.log_format, c.log_level),
         )
     except KillSwitchStateError as e:
-        raise _fail([f"sbg: {e}"])
+        raise _fail([f"sbg: {e}"]) from None
     except OSError as e:
-        raise _fail([f"sbg: {e.filename or ''}: {e.strerror or e}"])
+        raise _fail([f"sbg: {e.filename or ''}: {e.strerror or e}"]) from None

@@ -166,8 +166,12 @@ def assert_refused(
     status: int,
     errcode: str,
     upstream_before: int = 0,
+    *,
+    code: str,
 ) -> None:
-    """The attacker's view: status and errcode, and nothing reached upstream."""
+    """The attacker's view: status and errcode, and nothing reached upstream;
+    sbg's: a `deny` audit record with this reason `code` (so a test cannot
+    pass for the wrong row of the decision order)."""
     test.assertEqual(resp.status, status, resp.body)
     test.assertEqual(resp.json()["errcode"], errcode)
     test.assertEqual(
@@ -175,6 +179,7 @@ def assert_refused(
     )
     test.assertEqual(gw.last_audit()["decision"], "deny")
     test.assertEqual(gw.last_audit()["status"], status)
+    test.assertEqual(gw.last_audit()["code"], code)
 
 
 async def start_gateway(

@@ -183,7 +183,7 @@ class RefusedJsonTests(TestCase):
                 request = build_request(b"PUT", TXN, headers, body)
             resp = await gw.inbound(request)
             self.assertEqual(resp.status, 400, (name, resp.body))
-            assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+            assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
 
     async def test_each_refused_body_under_a_forged_signature_is_never_parsed(self) -> None:
         # Nobody signed these bodies: the signature check over the bytes
@@ -205,7 +205,7 @@ class RefusedJsonTests(TestCase):
         last = json.loads(body)
         self.assertEqual(last["origin"], PARTNER_SERVER)
         resp = await gw.inbound(request_with_body(gw, body, last))
-        assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+        assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
         self.assertIn("duplicate", resp.json()["error"])
         # The same object without the duplicate goes through: the refusal
         # above was the duplicate's, not the signature's.
@@ -218,13 +218,13 @@ class RefusedJsonTests(TestCase):
         gw = await start_gateway(self)
         body = b'{"origin": "partner.example", "pdus": [], "edus": [], "x": NaN}'
         resp = await gw.inbound(request_with_body(gw, body, {"something": "else"}))
-        assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+        assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
 
     async def test_refused_on_other_json_endpoints_too(self) -> None:
         gw = await start_gateway(self)
         body = b'{"device_keys": {"@a:internal.example": [], "@a:internal.example": ["x"]}}'
         resp = await gw.inbound(request_with_body(gw, body, json.loads(body), KEYS_QUERY))
-        assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+        assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
 
     async def test_unauthenticated_json_endpoint(self) -> None:
         """3pid/onbind needs no signature: its body is still checked."""
@@ -233,7 +233,7 @@ class RefusedJsonTests(TestCase):
         headers = [(b"Host", INTERNAL_HOST.encode()), (b"Content-Type", b"application/json")]
         for body in (b'{"mxid": "@a:b", "mxid": "@c:d"}', b'{"x": NaN}', b"\xef\xbb\xbf{}"):
             resp = await gw.inbound(build_request(b"POST", target, headers, body))
-            assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+            assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
         resp = await gw.inbound(build_request(b"POST", target, headers, b'{"mxid": "@a:b"}'))
         self.assertEqual(resp.status, 200, resp.body)
 
@@ -255,4 +255,4 @@ class AcceptedJsonTests(TestCase):
         body = b'{"origin": "partner.example", "origin_server_ts": 1, "pdus": [], "edus": [], "x": 1E10}'
         as_int = txn(x=10_000_000_000)
         resp = await gw.inbound(request_with_body(gw, body, as_int))
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", code="bad_signature")

@@ -119,7 +119,7 @@ class RefusalTests(TestCase):
     async def test_row1_unknown_host(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), host=b"matrix.elsewhere.example")
-        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED")
+        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
     async def test_row1_no_host(self) -> None:
         gw = await start_gateway(self)
@@ -129,12 +129,12 @@ class RefusalTests(TestCase):
             if h[0] != b"Host"
         ]
         req = build_request(b"GET", b"/_matrix/federation/v1/version", headers, version=b"HTTP/1.0")
-        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED")
+        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
     async def test_row1_server_name_host_is_discovery_only(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), host=INTERNAL_SERVER.encode())
-        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED")
+        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
     async def test_row1_sni_names_another_internal_server(self) -> None:
         gw = await start_gateway(
@@ -154,19 +154,29 @@ class RefusalTests(TestCase):
         req = gw.signed_request("PUT", TXN, txn_body())
         # Domain fronting: TLS for one internal server, Host for another.
         resp = await gw.inbound(req, sni="matrix.other.example", check_hostname=False)
-        assert_refused(self, gw, resp, 404, "M_UNRECOGNIZED")
+        assert_refused(self, gw, resp, 404, "M_UNRECOGNIZED", code="sni_mismatch")
 
     async def test_row2_unknown_endpoint(self) -> None:
         gw = await start_gateway(self)
         target = b"/_synapse/admin/v1/users"
         assert_refused(
-            self, gw, await gw.inbound(gw.signed_request("GET", target)), 404, "M_UNRECOGNIZED"
+            self,
+            gw,
+            await gw.inbound(gw.signed_request("GET", target)),
+            404,
+            "M_UNRECOGNIZED",
+            code="unknown_endpoint",
         )
 
     async def test_row2_wrong_method(self) -> None:
         gw = await start_gateway(self)
         assert_refused(
-            self, gw, await gw.inbound(gw.signed_request("GET", TXN)), 405, "M_UNRECOGNIZED"
+            self,
+            gw,
+            await gw.inbound(gw.signed_request("GET", TXN)),
+            405,
+            "M_UNRECOGNIZED",
+            code="method_not_allowed",
         )
 
     async def test_row2_path_traversal(self) -> None:
@@ -177,28 +187,30 @@ class RefusalTests(TestCase):
             b"/_matrix/federation//v1/version",
         ):
             resp = await gw.inbound(gw.signed_request("GET", target))
-            assert_refused(self, gw, resp, 400, "M_UNRECOGNIZED")
+            assert_refused(self, gw, resp, 400, "M_UNRECOGNIZED", code="malformed_target")
 
     async def test_row2_query_string_is_not_part_of_the_match(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/client/v3/login?x=/_matrix/key/v2/server"
         req = build_request(b"GET", target, [(b"Host", INTERNAL_HOST.encode())])
-        assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED")
+        assert_refused(
+            self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_endpoint"
+        )
 
     async def test_row3_global_kill_switch(self) -> None:
         gw = await start_gateway(self)
         gw.service.killswitch.engage(None, "inbound")
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="killswitch")
         # Unauthenticated endpoints obey it too.
         req = build_request(b"GET", b"/_matrix/key/v2/server", [(b"Host", INTERNAL_HOST.encode())])
-        assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN")
+        assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="killswitch")
 
     async def test_row4_missing_authorization(self) -> None:
         gw = await start_gateway(self)
         body = json.dumps(txn_body()).encode()
         req = build_request(b"PUT", TXN, [(b"Host", INTERNAL_HOST.encode())], body)
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="missing_auth")
 
     async def test_row4_two_authorization_headers(self) -> None:
         gw = await start_gateway(self)
@@ -208,7 +220,7 @@ class RefusalTests(TestCase):
         evil = auth.replace(PARTNER_SERVER.encode(), b"evil.example")
         headers.append((b"Authorization", evil))
         req = build_request(b"PUT", TXN, headers, json.dumps(content).encode())
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="multiple_auth")
 
     async def test_row4_malformed_authorization(self) -> None:
         gw = await start_gateway(self)
@@ -217,7 +229,9 @@ class RefusalTests(TestCase):
             (b"Authorization", b'X-Matrix origin="a,b",key="ed25519:x",sig="abc"'),
         ]
         req = build_request(b"GET", b"/_matrix/federation/v1/user/devices/%40a%3Ab", headers)
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(
+            self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="malformed_auth"
+        )
 
     async def test_row5_unknown_origin(self) -> None:
         gw = await start_gateway(self)
@@ -225,29 +239,31 @@ class RefusalTests(TestCase):
         req = gw.signed_request(
             "PUT", TXN, txn_body("evil.example"), origin="evil.example", signing_key=evil_key
         )
-        assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN")
+        assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="unknown_origin")
         self.assertEqual(gw.last_audit()["origin"], "evil.example")
 
     async def test_row5_disabled_origin(self) -> None:
         gw = await start_gateway(self, {"external_homeservers[0].enabled": False})
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="unknown_origin")
 
     async def test_row5_killed_origin(self) -> None:
         gw = await start_gateway(self)
         gw.service.killswitch.engage(PARTNER_SERVER, "inbound")
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="killswitch")
 
     async def test_row5_source_ips(self) -> None:
         gw = await start_gateway(self, {"external_homeservers[0].source_ips": ["192.0.2.0/24"]})
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="source_ip")
 
     async def test_row6_wrong_destination(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), destination="other.example")
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(
+            self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_destination"
+        )
 
     async def test_row6_missing_destination(self) -> None:
         gw = await start_gateway(self)
@@ -257,14 +273,16 @@ class RefusalTests(TestCase):
         no_dest = b",".join(p for p in auth.split(b",") if not p.startswith(b"destination="))
         headers = [(k, no_dest if k == b"Authorization" else v) for k, v in headers]
         req = build_request(b"PUT", TXN, headers, json.dumps(content).encode())
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(
+            self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_destination"
+        )
 
     async def test_row7_body_too_large(self) -> None:
         gw = await start_gateway(self, {"inbound.max_body_size": "1K"})
         content = txn_body()
         content["padding"] = "x" * 2000
         resp = await gw.inbound(gw.signed_request("PUT", TXN, content))
-        assert_refused(self, gw, resp, 413, "M_TOO_LARGE")
+        assert_refused(self, gw, resp, 413, "M_TOO_LARGE", code="body_too_large")
 
     async def test_row7_chunked_body_too_large(self) -> None:
         gw = await start_gateway(self, {"inbound.max_body_size": "1K"})
@@ -280,7 +298,7 @@ class RefusalTests(TestCase):
             + b"0\r\n\r\n"
         )
         req = build_request(b"PUT", TXN, headers, chunked, content_length=False)
-        assert_refused(self, gw, await gw.inbound(req), 413, "M_TOO_LARGE")
+        assert_refused(self, gw, await gw.inbound(req), 413, "M_TOO_LARGE", code="body_too_large")
 
     async def test_row8_duplicate_keys(self) -> None:
         # The origin's own key signed these very bytes, duplicate and all:
@@ -289,7 +307,7 @@ class RefusalTests(TestCase):
         body = json.dumps(txn_body()).encode()[:-1] + b', "origin": "internal.example"}'
         headers = gw.raw_signed_headers("PUT", TXN, body)
         req = build_request(b"PUT", TXN, headers, body)
-        assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON")
+        assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON", code="bad_json")
         self.assertEqual(gw.last_audit()["code"], "bad_json")
 
     async def test_row9_before_row8_duplicate_keys_under_a_forged_signature(self) -> None:
@@ -301,21 +319,21 @@ class RefusalTests(TestCase):
         headers = gw.signed_headers("PUT", TXN, content)
         body = json.dumps(content).encode()[:-1] + b', "origin": "internal.example"}'
         req = build_request(b"PUT", TXN, headers, body)
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
         self.assertEqual(gw.last_audit()["code"], "bad_signature")
 
     async def test_row8_not_json(self) -> None:
         gw = await start_gateway(self)
         headers = gw.signed_headers("PUT", TXN, {"a": 1})
         req = build_request(b"PUT", TXN, headers, b'{"a": NaN}')
-        assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON")
+        assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON", code="bad_json")
 
     async def test_row9_forged_signature(self) -> None:
         gw = await start_gateway(self)
         version = gw.material.partner_key_id.split(":")[1]
         forger = generate_signing_key(version)  # same key id, other key
         req = gw.signed_request("PUT", TXN, txn_body(), signing_key=forger)
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
     async def test_row9_tampered_body(self) -> None:
         gw = await start_gateway(self)
@@ -323,25 +341,25 @@ class RefusalTests(TestCase):
         headers = gw.signed_headers("PUT", TXN, content)
         content["edus"] = []
         req = build_request(b"PUT", TXN, headers, json.dumps(content).encode())
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
     async def test_row9_tampered_query(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/federation/v1/state_ids/%21r%3Ainternal.example?event_id=%24a"
         headers = gw.signed_headers("GET", target)
         req = build_request(b"GET", target + b"b", headers)
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
     async def test_row9_unknown_key_id(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), signing_key=generate_signing_key("rotated"))
-        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="unknown_key")
 
     async def test_row10_group_not_in_trust_level(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/federation/v1/publicRooms"
         resp = await gw.inbound(gw.signed_request("GET", target))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="group_not_allowed")
         self.assertIn("public_rooms", resp.json()["error"])
 
     async def test_row10_unauthenticated_group_no_level_allows(self) -> None:
@@ -352,7 +370,9 @@ class RefusalTests(TestCase):
             [(b"Host", INTERNAL_HOST.encode())],
             b'{"server_keys": {}}',
         )
-        assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN")
+        assert_refused(
+            self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="group_not_allowed"
+        )
 
     async def test_row11_origin_speaks_for_an_internal_user(self) -> None:
         gw = await start_gateway(self)
@@ -368,7 +388,7 @@ class RefusalTests(TestCase):
             }
         ]
         resp = await gw.inbound(gw.signed_request("PUT", TXN, content))
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="impersonates_internal_user")
 
 
 class _Silent(Protocol):
@@ -448,3 +468,26 @@ def _slow_download(gw: object, request: bytes) -> defer.Deferred[dict[str, int]]
         }
 
     return threads.deferToThread(run)
+
+
+class ParserRefusalTests(TestCase):
+    async def test_a_bare_400_from_the_http_parser_is_audited_and_counted(self) -> None:
+        gw = await start_gateway(self)
+        for raw in (
+            # A control byte inside a header line.
+            b"GET /_matrix/key/v2/server HTTP/1.1\r\nHost: x\x01y\r\n\r\n",
+            # A request line that is not METHOD SP target SP HTTP/1.x.
+            b"GET  /_matrix/key/v2/server HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            before = len(gw.audit.records)
+            resp = await gw.inbound(raw)
+            self.assertEqual(resp.status, 400)
+            self.assertEqual(len(gw.audit.records), before + 1)
+            record = gw.last_audit()
+            self.assertEqual((record["decision"], record["code"]), ("deny", "malformed_request"))
+        self.assertEqual(gw.upstream.requests, [])
+        value = gw.service.metrics.registry.get_sample_value(
+            "sbg_refusals_total",
+            {"direction": "inbound", "server": "unknown", "reason": "malformed_request"},
+        )
+        self.assertEqual(value, 2.0)

@@ -40,7 +40,7 @@ class ForwardedTests(TestCase):
         # The attacker's own value comes first; the terminator appended theirs.
         req = head + b"\r\nX-Forwarded-For: 198.51.100.7, 203.0.113.9" + sep + body
         resp = await exchange("127.0.0.1", gw.ports["inbound"], req)
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="source_ip")
         self.assertEqual(gw.last_audit()["origin"], PARTNER_SERVER)
 
     async def test_without_x_forwarded_the_header_is_not_trusted(self) -> None:
@@ -55,7 +55,7 @@ class ForwardedTests(TestCase):
         head, sep, body = req.partition(b"\r\n\r\n")
         req = head + b"\r\nX-Forwarded-For: 198.51.100.7" + sep + body
         resp = await exchange("127.0.0.1", gw.ports["inbound"], req)
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="source_ip")
         self.assertEqual(gw.last_audit()["peer"], "127.0.0.1")
 
     async def test_garbage_last_element_gives_no_client_address(self) -> None:
@@ -68,4 +68,4 @@ class ForwardedTests(TestCase):
         # stand in for the client's.
         req = head + b"\r\nX-Forwarded-For: 127.0.0.1, not-an-ip" + sep + body
         resp = await exchange("127.0.0.1", gw.ports["inbound"], req)
-        assert_refused(self, gw, resp, 403, "M_FORBIDDEN")
+        assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="source_ip")

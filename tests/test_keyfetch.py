@@ -405,7 +405,7 @@ class InboundFetchTests(TestCase):
         k3 = generate_signing_key("k3")
         state.rotate(k3, expired_ts=0)
         resp = await gw.inbound(gw.signed_request("PUT", TXN + b"4", body, signing_key=k3))
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", upstream_before=4)
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", upstream_before=4, code="unknown_key")
         self.assertEqual(state.hits, 1)
         self.assertIn("k3", gw.last_audit().get("reason", ""))
 
@@ -423,7 +423,7 @@ class InboundFetchTests(TestCase):
         gw = await start_gateway(self, overrides)
         body = {"origin": PARTNER_SERVER, "origin_server_ts": 1, "pdus": [], "edus": []}
         resp = await gw.inbound(gw.signed_request("PUT", TXN, body, signing_key=k1))
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", code="unknown_key")
         self.assertEqual(state.hits, 0)
 
     @deferred_test
@@ -448,5 +448,5 @@ class InboundFetchTests(TestCase):
         gw = await start_gateway(self, overrides)
         body = {"origin": PARTNER_SERVER, "origin_server_ts": 1, "pdus": [], "edus": []}
         resp = await gw.inbound(gw.signed_request("PUT", TXN, body, signing_key=k1))
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", code="unknown_key")
         self.assertEqual(state.hits, 0)

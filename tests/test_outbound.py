@@ -115,6 +115,7 @@ class RefusalTests(TestCase):
         gw, ext = await start(self)
         answer, responses, _ = await gw.outbound(b"evil.example:8448", [])
         self.assertEqual(answer.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "unknown_destination")
         self.assertEqual(responses, [])
         assert_nothing_sent(self, ext)
         self.assertEqual(gw.last_audit()["decision"], "deny")
@@ -125,6 +126,7 @@ class RefusalTests(TestCase):
         gw, ext = await start(self, {"external_homeservers[0].enabled": False})
         answer, _, _ = await gw.outbound(CONNECT, [])
         self.assertEqual(answer.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "unknown_destination")
         assert_nothing_sent(self, ext)
 
     async def test_connect_to_killed_server(self) -> None:
@@ -132,6 +134,7 @@ class RefusalTests(TestCase):
         gw.service.killswitch.engage(PARTNER_SERVER, "outbound")
         answer, _, _ = await gw.outbound(CONNECT, [])
         self.assertEqual(answer.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "killswitch")
         assert_nothing_sent(self, ext)
 
     async def test_proxy_credentials(self) -> None:
@@ -146,12 +149,14 @@ class RefusalTests(TestCase):
         )
         answer, _, _ = await gw.outbound(CONNECT, [])
         self.assertEqual(answer.status, 407)
+        self.assertEqual(gw.last_audit()["code"], "proxy_auth")
         self.assertEqual(answer.header(b"Proxy-Authenticate"), b'Basic realm="sbg"')
         wrong = base64.b64encode(f"{PROXY_USERNAME}:nope".encode())
         answer, _, _ = await gw.outbound(
             CONNECT, [], proxy_headers=[(b"Proxy-Authorization", b"Basic " + wrong)]
         )
         self.assertEqual(answer.status, 407)
+        self.assertEqual(gw.last_audit()["code"], "proxy_auth")
         assert_nothing_sent(self, ext)
         good = base64.b64encode(f"{PROXY_USERNAME}:{gw.material.proxy_password}".encode())
         answer, [resp], _ = await gw.outbound(
@@ -173,12 +178,14 @@ class RefusalTests(TestCase):
         )
         resp = await exchange("127.0.0.1", gw.ports["outbound"], req)
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "plain_http")
         assert_nothing_sent(self, ext)
 
     async def test_non_spec_path(self) -> None:
         gw, ext = await start(self)
         _a, [resp], _ = await gw.outbound(CONNECT, [signed("GET", b"/_synapse/admin/v1/users")])
         self.assertEqual(resp.status, 404)
+        self.assertEqual(gw.last_audit()["code"], "unknown_endpoint")
         self.assertEqual(resp.json()["errcode"], "M_UNRECOGNIZED")
         assert_nothing_sent(self, ext)
 
@@ -187,6 +194,7 @@ class RefusalTests(TestCase):
         req = signed("PUT", TXN, txn(), host=b"matrix.elsewhere.example:8448")
         _a, [resp], _ = await gw.outbound(CONNECT, [req])
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "host_mismatch")
         self.assertEqual(resp.json()["errcode"], "M_FORBIDDEN")
         assert_nothing_sent(self, ext)
 
@@ -196,6 +204,7 @@ class RefusalTests(TestCase):
             CONNECT, [signed("PUT", TXN, txn())], sni="matrix.elsewhere.example"
         )
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "sni_mismatch")
         assert_nothing_sent(self, ext)
 
     async def test_signed_destination_mismatch(self) -> None:
@@ -203,6 +212,7 @@ class RefusalTests(TestCase):
         req = signed("PUT", TXN, txn(), destination="elsewhere.example")
         _a, [resp], _ = await gw.outbound(CONNECT, [req])
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "bad_destination")
         assert_nothing_sent(self, ext)
 
     async def test_origin_not_internal(self) -> None:
@@ -210,6 +220,7 @@ class RefusalTests(TestCase):
         req = signed("PUT", TXN, txn(), origin="evil.example")
         _a, [resp], _ = await gw.outbound(CONNECT, [req])
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "unknown_origin")
         assert_nothing_sent(self, ext)
 
     async def test_unsigned_federation_request(self) -> None:
@@ -217,6 +228,7 @@ class RefusalTests(TestCase):
         req = build_request(b"PUT", TXN, [(b"Host", HOST)], json.dumps(txn()).encode())
         _a, [resp], _ = await gw.outbound(CONNECT, [req])
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "missing_auth")
         assert_nothing_sent(self, ext)
 
     async def test_group_not_in_trust_level(self) -> None:
@@ -224,6 +236,7 @@ class RefusalTests(TestCase):
         req = signed("GET", b"/_matrix/federation/v1/hierarchy/%21r%3Apartner.example")
         _a, [resp], _ = await gw.outbound(CONNECT, [req])
         self.assertEqual(resp.status, 403)
+        self.assertEqual(gw.last_audit()["code"], "group_not_allowed")
         self.assertIn("hierarchy", resp.json()["error"])
         assert_nothing_sent(self, ext)
 
@@ -231,6 +244,7 @@ class RefusalTests(TestCase):
         gw, ext = await start(self, tls_ca="internal")
         _a, [resp], _ = await gw.outbound(CONNECT, [signed("PUT", TXN, txn())])
         self.assertEqual(resp.status, 502)
+        self.assertEqual(gw.last_audit()["code"], "upstream_tls")
         self.assertEqual(resp.json()["errcode"], "M_UNKNOWN")
         self.assertEqual(ext.raw, [], "bytes reached a server whose certificate failed")
 
@@ -240,6 +254,7 @@ class RefusalTests(TestCase):
         )
         _a, [resp], _ = await gw.outbound(CONNECT, [signed("PUT", TXN, txn())])
         self.assertEqual(resp.status, 502)
+        self.assertEqual(gw.last_audit()["code"], "upstream_connect")
 
     async def test_kill_switch_closes_open_tunnel(self) -> None:
         import socket

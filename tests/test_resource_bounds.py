@@ -119,17 +119,17 @@ class VerifyBeforeParsingTests(TestCase):
         body = b"{" * (CANONICAL_FALLBACK_MAX + 10)
         request = forged_headers(gw, len(body)) + body
         resp = await gw.inbound(request)
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", code="bad_signature")
         self.assertEqual(gw.last_audit()["code"], "bad_signature")
 
     async def test_small_forged_body_gets_the_bounded_fallback(self) -> None:
         gw = await start_gateway(self)
         body = b"{not json"
         resp = await gw.inbound(forged_headers(gw, len(body)) + body)
-        assert_refused(self, gw, resp, 400, "M_NOT_JSON")
+        assert_refused(self, gw, resp, 400, "M_NOT_JSON", code="bad_json")
         body = encode_canonical_json(txn_body())
         resp = await gw.inbound(forged_headers(gw, len(body)) + body)
-        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED")
+        assert_refused(self, gw, resp, 401, "M_UNAUTHORIZED", code="bad_signature")
 
     async def test_non_canonical_sender_within_and_beyond_the_bound(self) -> None:
         gw = await start_gateway(self)
@@ -166,7 +166,7 @@ class VerifyBeforeParsingTests(TestCase):
             b"POST", b"/_matrix/key/v2/query", [(b"Host", INTERNAL_HOST.encode())], body
         )
         resp = await gw.inbound(req)
-        assert_refused(self, gw, resp, 413, "M_TOO_LARGE")
+        assert_refused(self, gw, resp, 413, "M_TOO_LARGE", code="body_too_large")
 
 
 class BodyBudgetTests(TestCase):

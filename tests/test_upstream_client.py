@@ -24,13 +24,9 @@ from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 
 from sbg.http.forward import InvalidTarget, request_head, response_headers
-from sbg.http.upstream import (
-    UpstreamClosed,
-    UpstreamPool,
-    UpstreamProtocolError,
-    UpstreamResponse,
-    parse_head,
-)
+from sbg.http.upstream import UpstreamResponse
+from sbg.http.upstream_pool import UpstreamPool
+from sbg.http.upstream_wire import UpstreamClosed, UpstreamProtocolError, parse_head
 from testbed.configtools import INTERNAL_HOST, Material
 from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway

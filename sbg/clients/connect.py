@@ -78,6 +78,8 @@ class _ConnectClient(Protocol):
 
 @implementer(IStreamClientEndpoint)
 class HTTPConnectEndpoint:
+    """A client endpoint reached through an HTTP proxy's `CONNECT` tunnel."""
+
     def __init__(self, proxy: IStreamClientEndpoint, host: str, port: int) -> None:
         self._proxy = proxy
         self._target = format_authority(host, port).encode("ascii")

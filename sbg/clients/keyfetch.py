@@ -98,7 +98,7 @@ def fetch_target(server: ExternalHomeserver) -> FetchTarget:
     try:
         name_host, name_port = server_name_authority(server.server_name)
     except HostParseError as e:
-        raise KeyFetchError(f"bad server name {server.server_name!r}: {e}")
+        raise KeyFetchError(f"bad server name {server.server_name!r}: {e}") from None
     if server.federation_hosts:
         first = server.federation_hosts[0]
         host, port = first.host, first.port
@@ -342,19 +342,19 @@ class KeyFetcher:
         try:
             body = await d
         except KeyFetchError as e:
-            raise KeyFetchError(f"{authority}: {e}")
+            raise KeyFetchError(f"{authority}: {e}") from None
         except (NoUpstreamTrust, PemError) as e:
-            raise KeyFetchError(f"{authority}: {e}")
+            raise KeyFetchError(f"{authority}: {e}") from None
         except Exception:
-            raise KeyFetchError(f"{authority}: {_describe(Failure())}")
+            raise KeyFetchError(f"{authority}: {_describe(Failure())}") from None
         try:
             parsed = parse_json_object(body)
         except Refusal as e:
-            raise KeyFetchError(f"{authority}: {e.reason}")
+            raise KeyFetchError(f"{authority}: {e.reason}") from None
         try:
             return validate_key_response(parsed, server.server_name, self._now_ms())
         except KeyResponseError as e:
-            raise KeyFetchError(f"{authority}: {e}")
+            raise KeyFetchError(f"{authority}: {e}") from None
 
     async def _get(self, target: FetchTarget, outbound: OutboundSettings) -> bytes:
         creator = self._tls.creator_for(

@@ -47,9 +47,9 @@ def _context(ca: str | None) -> ssl.SSLContext:
         # With a CA file, only that file is trusted (no system roots).
         ctx = ssl.create_default_context(cafile=ca)
     except FileNotFoundError:
-        raise _Failed(f"--ca {ca}: no such file")
+        raise _Failed(f"--ca {ca}: no such file") from None
     except (ssl.SSLError, OSError) as e:
-        raise _Failed(f"--ca {ca}: not a readable PEM CA file ({_reason(e)})")
+        raise _Failed(f"--ca {ca}: not a readable PEM CA file ({_reason(e)})") from None
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -74,14 +74,14 @@ def _get(connect: tuple[str, int], tls_name: str, host_header: str, ctx: ssl.SSL
     try:
         raw = socket.create_connection(connect, timeout=FETCH_TIMEOUT)
     except OSError as e:
-        raise _Failed(f"cannot connect to {where}: {_reason(e)}")
+        raise _Failed(f"cannot connect to {where}: {_reason(e)}") from None
     with raw:
         try:
             tls = ctx.wrap_socket(raw, server_hostname=tls_name)
         except ssl.SSLCertVerificationError as e:
-            raise _Failed(f"TLS to {where} as {tls_name} refused: {_reason(e)}")
+            raise _Failed(f"TLS to {where} as {tls_name} refused: {_reason(e)}") from None
         except (ssl.SSLError, OSError) as e:
-            raise _Failed(f"TLS handshake with {where} failed: {_reason(e)}")
+            raise _Failed(f"TLS handshake with {where} failed: {_reason(e)}") from None
         with tls:
             request = (
                 f"GET {KEY_PATH.decode()} HTTP/1.1\r\n"
@@ -102,7 +102,7 @@ def _get(connect: tuple[str, int], tls_name: str, host_header: str, ctx: ssl.SSL
                     raise _Failed(f"{where}: response larger than {MAX_RESPONSE_SIZE} bytes")
                 body = response.read(MAX_RESPONSE_SIZE + 1)
             except (OSError, http.client.HTTPException) as e:
-                raise _Failed(f"reading from {where} failed: {_reason(e)}")
+                raise _Failed(f"reading from {where} failed: {_reason(e)}") from None
     if len(body) > MAX_RESPONSE_SIZE:
         raise _Failed(f"{where}: response larger than {MAX_RESPONSE_SIZE} bytes")
     return body
@@ -135,14 +135,14 @@ def _fetch(server_name: str, host: str | None, ca: str | None) -> str:
     try:
         name_host, name_port = server_name_authority(server_name)
     except HostParseError as e:
-        raise _Failed(f"{server_name!r} is not a server name: {e}")
+        raise _Failed(f"{server_name!r} is not a server name: {e}") from None
     if host is None:
         connect_host, connect_port = name_host, name_port
     else:
         try:
             connect_host, connect_port = parse_authority(host)
         except HostParseError as e:
-            raise _Failed(f"--host {host!r}: {e}")
+            raise _Failed(f"--host {host!r}: {e}") from None
     connect = (connect_host, connect_port if connect_port is not None else DEFAULT_KEY_PORT)
     where = format_authority(*connect)
     ctx = _context(ca)
@@ -150,11 +150,11 @@ def _fetch(server_name: str, host: str | None, ca: str | None) -> str:
     try:
         parsed = parse_json_object(body)
     except Refusal as e:
-        raise _Failed(f"{where}: {e.reason.replace('body', 'response')}")
+        raise _Failed(f"{where}: {e.reason.replace('body', 'response')}") from None
     try:
         return _yaml_block(server_name, where, parsed, int(time.time() * 1000))
     except KeyResponseError as e:
-        raise _Failed(f"{where}: response refused: {e}")
+        raise _Failed(f"{where}: response refused: {e}") from None
 
 
 def run(server_name: str, host: str | None, ca: str | None, out: TextIO, err: TextIO) -> int:

@@ -22,7 +22,7 @@ def _read_token(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read().rstrip("\r\n")
     except OSError as e:
-        raise KillCommandError(f"{path}: cannot read the admin token: {e.strerror or e}")
+        raise KillCommandError(f"{path}: cannot read the admin token: {e.strerror or e}") from None
 
 
 def admin_from_config(config_path: str) -> tuple[str, str | None]:
@@ -34,7 +34,9 @@ def admin_from_config(config_path: str) -> tuple[str, str | None]:
     try:
         config = load_config(config_path, skip_files=True)
     except ConfigErrors as e:
-        raise KillCommandError("; ".join(e.lines()) or f"{config_path}: invalid configuration")
+        raise KillCommandError(
+            "; ".join(e.lines()) or f"{config_path}: invalid configuration"
+        ) from None
     admin = next((lst for lst in config.listeners if lst.type == "admin"), None)
     if admin is None:
         raise KillCommandError(f"{config_path}: no admin listener configured (use --admin)")
@@ -66,12 +68,12 @@ def _call(url: str, token: str | None, body: dict[str, Any] | None) -> Any:
             detail = json.loads(e.read()).get("error", "")
         except (ValueError, AttributeError):
             detail = ""
-        raise KillCommandError(f"admin API answered {e.code}: {detail or e.reason}")
+        raise KillCommandError(f"admin API answered {e.code}: {detail or e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise KillCommandError(f"cannot reach the admin listener at {url}: {reason}")
+        raise KillCommandError(f"cannot reach the admin listener at {url}: {reason}") from None
     except ValueError:
-        raise KillCommandError(f"the admin listener at {url} did not answer JSON")
+        raise KillCommandError(f"the admin listener at {url} did not answer JSON") from None
 
 
 def run(

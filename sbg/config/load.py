@@ -72,7 +72,9 @@ def load_config(path: str, *, skip_files: bool = False) -> model.Config:
     try:
         raw = _read_capped(abspath)
     except OSError as e:
-        raise ConfigErrors(path, [ConfigError("", f"{path}: cannot read: {_strerror(e)}")])
+        raise ConfigErrors(
+            path, [ConfigError("", f"{path}: cannot read: {_strerror(e)}")]
+        ) from None
     if raw is None:
         raise ConfigErrors(path, [ConfigError("", f"{path}: too large to be a configuration")])
     try:
@@ -80,7 +82,7 @@ def load_config(path: str, *, skip_files: bool = False) -> model.Config:
     except UnicodeDecodeError as e:
         raise ConfigErrors(
             path, [ConfigError("", f"{path}: not UTF-8 text (bad byte at offset {e.start})")]
-        )
+        ) from None
     return parse_config_text(
         text, base_dir=os.path.dirname(abspath), path=path, skip_files=skip_files
     )
@@ -99,13 +101,15 @@ def parse_config_text(
     try:
         data, duplicates = _load_yaml(text)
     except yaml.MarkedYAMLError as e:
-        raise ConfigErrors(path, [ConfigError("", f"{path}: {_describe_yaml_error(e)}")])
+        raise ConfigErrors(path, [ConfigError("", f"{path}: {_describe_yaml_error(e)}")]) from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
         # PyYAML raises plain ValueErrors too (e.g. a timestamp with month 13).
         message = " ".join(str(e).split())
-        raise ConfigErrors(path, [ConfigError("", f"{path}: not valid YAML: {message}")])
+        raise ConfigErrors(path, [ConfigError("", f"{path}: not valid YAML: {message}")]) from None
     except RecursionError:
-        raise ConfigErrors(path, [ConfigError("", f"{path}: not valid YAML: nested too deeply")])
+        raise ConfigErrors(
+            path, [ConfigError("", f"{path}: not valid YAML: nested too deeply")]
+        ) from None
     if data is None:
         raise ConfigErrors(path, [ConfigError("", f"{path}: the file is empty")])
     if not isinstance(data, dict):

@@ -33,6 +33,8 @@ class HostPattern:
 
 @dataclass(frozen=True)
 class Listener:
+    """A `listeners` entry: one inbound, outbound or admin listener."""
+
     type: ListenerType
     port: int
     bind_addresses: tuple[str, ...]
@@ -56,6 +58,8 @@ class InboundSettings:
 
 @dataclass(frozen=True)
 class ProxyAuth:
+    """The `outbound.proxy_auth` credentials the homeservers must present."""
+
     username: str
     password_file: str
     # The password itself (file read at load time, trailing newline
@@ -75,6 +79,8 @@ class NonMatrixURL:
 
 @dataclass(frozen=True)
 class OutboundSettings:
+    """The `outbound` section."""
+
     ca: TLSFiles | None = None
     proxy_auth: ProxyAuth | None = None
     upstream_proxy: tuple[str, int] | None = None  # (host, port) of http://host:port
@@ -86,6 +92,8 @@ class OutboundSettings:
 
 @dataclass(frozen=True)
 class InternalHomeserver:
+    """An `internal_homeservers` entry: a homeserver behind the border."""
+
     server_name: str
     federation_hosts: tuple[HostPattern, ...]
     upstream: str  # http(s)://host:port, no path
@@ -95,6 +103,8 @@ class InternalHomeserver:
 
 @dataclass(frozen=True)
 class ExternalHomeserver:
+    """An `external_homeservers` entry: a trusted server outside the border."""
+
     server_name: str
     federation_hosts: tuple[HostPattern, ...] = ()
     client_hosts: tuple[HostPattern, ...] = ()
@@ -134,6 +144,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class TrustLevel:
+    """A `trust_levels` entry: the endpoint groups that cross the border, per direction."""
+
     name: str
     inbound: frozenset[str]
     outbound: frozenset[str]
@@ -145,6 +157,8 @@ class TrustLevel:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration file, validated (`sbg.config.load`)."""
+
     path: str  # absolute path of the file this was loaded from
     listeners: tuple[Listener, ...]
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -102,7 +102,9 @@ def parse_host_pattern(text: str) -> HostPattern:
         try:
             address = ipaddress.IPv6Address(text)
         except ValueError:
-            raise ValueError(f"not a host or host:port: {text!r} (write IPv6 as [addr]:port)")
+            raise ValueError(
+                f"not a host or host:port: {text!r} (write IPv6 as [addr]:port)"
+            ) from None
         return HostPattern(str(address), None)
     host, port = parse_authority(text)
     return HostPattern(host, port)
@@ -119,7 +121,7 @@ def parse_server_name(text: str) -> tuple[str, int | None]:
     try:
         return parse_authority(text)
     except HostParseError as e:
-        raise ValueError(f"not a server name: {e}")
+        raise ValueError(f"not a server name: {e}") from None
 
 
 def parse_url(text: str, schemes: Collection[str]) -> tuple[str, str, int]:
@@ -135,7 +137,7 @@ def parse_url(text: str, schemes: Collection[str]) -> tuple[str, str, int]:
     try:
         host, port = parse_authority(match.group(2))
     except HostParseError as e:
-        raise ValueError(f"must be {shape}: {e}")
+        raise ValueError(f"must be {shape}: {e}") from None
     if port is None:
         raise ValueError(f"must be {shape}: the port is missing in {text!r}")
     return match.group(1).lower(), host, port

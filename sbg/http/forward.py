@@ -19,7 +19,9 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 
-from sbg.http.upstream import UpstreamClosed, UpstreamPool, UpstreamResponse
+from sbg.http.upstream import UpstreamResponse
+from sbg.http.upstream_pool import UpstreamPool
+from sbg.http.upstream_wire import UpstreamClosed
 from sbg.matrix.endpoints import target_problem
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ def request_head(
 
 @dataclass
 class ForwardResult:
+    """What the upstream answered to a forwarded request, for the audit record."""
+
     status: int
     bytes_out: int
     complete: bool
@@ -253,20 +257,18 @@ async def forward(
     request_timeout: float,
     idle_timeout: float,
 ) -> ForwardResult:
-    """Forward `request` through `pool` and relay the answer into `request`.
-
-    The request goes out with its method, raw target, headers (hop-by-hop
-    ones dropped, `x_forwarded_for` as X-Forwarded-For when not None) and
-    `body` (None: no body). Raises `UpstreamError` (502/504) when no
-    response head came back, `ClientGone` when the client left first; once
-    the head is relayed, the result says whether the body completed.
+    """Forward `request` through `pool` and relay the answer into `request`:
+    method, raw target, headers (hop-by-hop ones dropped, `x_forwarded_for`
+    as X-Forwarded-For when not None) and `body` (None: none). Raises
+    `UpstreamError` (502/504) when no response head came back, `ClientGone`
+    when the client left first; then the result says if the body completed.
     """
     method = request.method
     try:
         head = request_head(method, request.uri, request.requestHeaders, x_forwarded_for, body)
     except InvalidTarget as e:
         logger.info("request not sendable upstream: %s", e)
-        raise UpstreamError(502, "protocol", "upstream connection failed")
+        raise UpstreamError(502, "protocol", "upstream connection failed") from None
     d = pool.request(method, head, body)
     timed_out = []
 
@@ -290,14 +292,7 @@ async def forward(
     try:
         response = await d
     except Exception:
-        failure = Failure()
-        status, reason, text = upstream_error_reason(failure)
-        if timed_out:
-            status, reason, text = 504, "timeout", "upstream did not answer in time"
-        if client_gone:
-            raise ClientGone()
-        logger.info("upstream request failed: %s", failure.getErrorMessage())
-        raise UpstreamError(status, reason, text)
+        raise _failed(Failure(), bool(timed_out), bool(client_gone)) from None
     finally:
         if timer.active():
             timer.cancel()
@@ -305,6 +300,28 @@ async def forward(
     if client_gone:
         response.discard()
         raise ClientGone()
+    _relay_head(request, response)
+    done: defer.Deferred[ForwardResult] = defer.Deferred()
+    relay = _Relay(request, response, clock, idle_timeout, done)
+    relays.append(relay)
+    relay.start()
+    return await done
+
+
+def _failed(failure: Failure, timed_out: bool, client_gone: bool) -> Exception:
+    """What a request that got no response head ends with."""
+    if client_gone:
+        return ClientGone()
+    status, reason, text = upstream_error_reason(failure)
+    if timed_out:
+        status, reason, text = 504, "timeout", "upstream did not answer in time"
+    logger.info("upstream request failed: %s", failure.getErrorMessage())
+    return UpstreamError(status, reason, text)
+
+
+def _relay_head(request: http.Request, response: UpstreamResponse) -> None:
+    """The upstream's status and headers (minus hop-by-hop ones and its
+    framing) as `request`'s response head."""
     code = response.code
     request.setResponseCode(code, response.phrase)
     out = response_headers(response)
@@ -312,14 +329,9 @@ async def forward(
         # This connection ends with this response (the client asked, or sbg
         # is stopping): say so, since the upstream's Connection is dropped.
         out.setRawHeaders(b"Connection", [b"close"])
-    if response.length is not None and method != b"HEAD" and code not in _NO_BODY:
+    if response.length is not None and request.method != b"HEAD" and code not in _NO_BODY:
         out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
     request.responseHeaders = out
-    done: defer.Deferred[ForwardResult] = defer.Deferred()
-    relay = _Relay(request, response, clock, idle_timeout, done)
-    relays.append(relay)
-    relay.start()
-    return await done
 
 
 class ClientGone(Exception):

@@ -353,7 +353,7 @@ def _decode_segment(raw: bytes) -> str:
         try:
             value = _unescape(raw).decode("utf-8", "strict")
         except UnicodeDecodeError:
-            raise _malformed("a path segment is not valid UTF-8 once decoded")
+            raise _malformed("a path segment is not valid UTF-8 once decoded") from None
         if _CONTROL_TEXT.search(value):
             raise _malformed("a path segment contains a NUL or control character")
     if value in (".", ".."):

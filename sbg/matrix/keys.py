@@ -77,7 +77,7 @@ def _decode_key(key_id: str, entry: object) -> VerifyKey:
     try:
         raw = base64.b64decode(text.rstrip("=") + "=", validate=True)
     except binascii.Error:
-        raise KeyResponseError(f"{key_id}: key is not base64 of 32 bytes")
+        raise KeyResponseError(f"{key_id}: key is not base64 of 32 bytes") from None
     return _verify_key(key_id, raw)
 
 
@@ -146,6 +146,6 @@ def validate_key_response(
         try:
             verify_signed_json(dict(body), expected_server_name, key)
         except (SignatureVerifyException, ValueError, TypeError) as e:
-            raise KeyResponseError(f"not self-signed by {key_id}: {e}")
+            raise KeyResponseError(f"not self-signed by {key_id}: {e}") from None
         result[key_id] = (key, until)
     return result

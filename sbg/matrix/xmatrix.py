@@ -127,7 +127,7 @@ def parse_authorization(values: Sequence[bytes] | None) -> XMatrixAuth:
     try:
         text = values[0].decode("ascii")
     except UnicodeDecodeError:
-        raise _malformed("non-ASCII bytes")
+        raise _malformed("non-ASCII bytes") from None
     prefix = SCHEME + " "
     if not text.startswith(prefix):
         raise _malformed("scheme is not 'X-Matrix' followed by a space")

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from sbg.clients.connect import HTTPConnectEndpoint
 from sbg.hosts import format_authority
-from sbg.http.upstream import UpstreamPool
+from sbg.http.upstream_pool import UpstreamPool
 from sbg.killswitch.state import Switch
 from sbg.policy.outbound import Tunnel
 from sbg.policy.snapshot import Policy

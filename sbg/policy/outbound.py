@@ -281,6 +281,29 @@ def _signature(
     return auth
 
 
+def _same_server(
+    policy: Policy,
+    tunnel: Tunnel,
+    server: ExternalHomeserver,
+    host: str,
+    port: int | None,
+    sni: str | None,
+) -> None:
+    """Row 3: the Host and the SNI belong to the CONNECT target's server."""
+    if tunnel.kind == "discovery":
+        by_host = policy.external_for_server_name(host, port)
+    elif tunnel.kind == "client":
+        by_host = policy.external_for_client_host(host, port)
+    else:
+        by_host = policy.external_for_federation_host(host, port)
+    if by_host is not server:
+        raise Refusal(reasons.HOST_MISMATCH, "Host does not belong to the CONNECT target's server")
+    if sni is not None and policy.external_for_sni(sni) is not server:
+        raise Refusal(
+            reasons.SNI_MISMATCH, "TLS server name does not belong to the CONNECT target's server"
+        )
+
+
 def _federation(
     policy: Policy,
     facts: RequestFacts,
@@ -293,19 +316,7 @@ def _federation(
     assert tunnel is not None
     server = tunnel.server
     assert server is not None
-    # Row 3: SNI and Host belong to the CONNECT target's server.
-    if tunnel.kind == "discovery":
-        by_host = policy.external_for_server_name(host, port)
-    elif tunnel.kind == "client":
-        by_host = policy.external_for_client_host(host, port)
-    else:
-        by_host = policy.external_for_federation_host(host, port)
-    if by_host is not server:
-        raise Refusal(reasons.HOST_MISMATCH, "Host does not belong to the CONNECT target's server")
-    if facts.sni is not None and policy.external_for_sni(facts.sni) is not server:
-        raise Refusal(
-            reasons.SNI_MISMATCH, "TLS server name does not belong to the CONNECT target's server"
-        )
+    _same_server(policy, tunnel, server, host, port, facts.sni)
     # Row 4: the endpoint table.
     match: Match = match_target(facts.method, facts.target)
     group = out.group = match.endpoint.group

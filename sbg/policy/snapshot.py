@@ -44,6 +44,8 @@ def _lookup(table: _HostTable, host: str, port: int | None) -> object | None:
 
 @dataclass(frozen=True)
 class Policy:
+    """Everything a decision needs from one configuration, compiled at load time."""
+
     config: Config
     keyring: KeyRing
     internal_by_name: Mapping[str, InternalHomeserver]

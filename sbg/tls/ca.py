@@ -124,7 +124,7 @@ def init_ca(directory: str) -> tuple[str, str]:
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise CAError(f"{directory}: cannot create the directory: {e.strerror or e}")
+        raise CAError(f"{directory}: cannot create the directory: {e.strerror or e}") from None
     for path in (key_path, cert_path):
         if os.path.lexists(path):
             raise CAError(f"{path} already exists; refusing to overwrite it")
@@ -139,16 +139,16 @@ def init_ca(directory: str) -> tuple[str, str]:
         # replace a key this one just wrote, nor the reverse.
         _create_exclusive(key_path, key_pem, 0o600)
     except FileExistsError:
-        raise CAError(f"{key_path} already exists; refusing to overwrite it")
+        raise CAError(f"{key_path} already exists; refusing to overwrite it") from None
     except OSError as e:
-        raise CAError(f"{key_path}: cannot write: {e.strerror or e}")
+        raise CAError(f"{key_path}: cannot write: {e.strerror or e}") from None
     try:
         _create_exclusive(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     except OSError as e:
         os.unlink(key_path)
         if isinstance(e, FileExistsError):
-            raise CAError(f"{cert_path} already exists; refusing to overwrite it")
-        raise CAError(f"{cert_path}: cannot write: {e.strerror or e}")
+            raise CAError(f"{cert_path} already exists; refusing to overwrite it") from None
+        raise CAError(f"{cert_path}: cannot write: {e.strerror or e}") from None
     return cert_path, key_path
 
 
@@ -192,7 +192,7 @@ def load_ca(cert_path: str, key_path: str) -> CertificateAuthority:
         certs = load_certificates(cert_path)
         key = load_private_key(key_path)
     except PemError as e:
-        raise CAError(str(e))
+        raise CAError(str(e)) from None
     cert = certs[0]
     check_ca_certificate(cert, cert_path)
     if not key_matches(cert, key):

@@ -59,7 +59,7 @@ def _identity(path: str) -> _FileIdentity:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise PemError(f"{path}: cannot read: {e.strerror or e}")
+        raise PemError(f"{path}: cannot read: {e.strerror or e}") from None
     return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 

@@ -30,7 +30,7 @@ def _read(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise PemError(f"{path}: cannot read: {e.strerror or e}")
+        raise PemError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def parse_certificates(data: bytes, source: str) -> list[x509.Certificate]:
@@ -46,7 +46,7 @@ def parse_certificates(data: bytes, source: str) -> list[x509.Certificate]:
         try:
             certs.append(x509.load_pem_x509_certificate(block))
         except ValueError as e:
-            raise PemError(f"{source}: certificate #{i + 1} does not parse: {e}")
+            raise PemError(f"{source}: certificate #{i + 1} does not parse: {e}") from None
     return certs
 
 
@@ -61,9 +61,9 @@ def load_private_key(path: str) -> PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise PemError(f"{path}: the private key is encrypted (sbg needs it unencrypted)")
+        raise PemError(f"{path}: the private key is encrypted (sbg needs it unencrypted)") from None
     except ValueError as e:
-        raise PemError(f"{path}: not a PEM private key ({e})")
+        raise PemError(f"{path}: not a PEM private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise PemError(f"{path}: unsupported key type {type(key).__name__} (use EC or RSA)")
     return key
