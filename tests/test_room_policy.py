@@ -663,18 +663,24 @@ class AclTests(TableTestCase):
         self.assertEqual(
             desired_acl(SERVERS, room("unrestricted")),
             {
-                "allow": ["int.example", "other-ministry.example", "v1.example", "v2.example"],
+                "allow": [
+                    "int.example",
+                    "other-ministry.example",
+                    "other-ministry.example:8448",
+                    "v1.example",
+                    "v2.example",
+                ],
                 "deny": [],
                 "allow_ip_literals": False,
             },
         )
         self.assertEqual(
             desired_acl(SERVERS, room(members={VIC: "join"}))["allow"],
-            ["int.example", "other-ministry.example", "v2.example"],
+            ["int.example", "other-ministry.example", "other-ministry.example:8448", "v2.example"],
         )
         self.assertEqual(
             desired_acl(SERVERS, room(join_rule="public", members={VIC: "join"}))["allow"],
-            ["int.example", "other-ministry.example", "v2.example"],
+            ["int.example", "other-ministry.example", "other-ministry.example:8448", "v2.example"],
         )
 
     def test_acl_events(self) -> None:

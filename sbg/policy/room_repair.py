@@ -203,12 +203,18 @@ def plan_repairs(
     event: Event,
     previous: Mapping[str, Any] | None,
     local_server: str,
+    *,
+    superseded: bool = False,
 ) -> list[Repair]:
     """What to do after EVENT, now persisted, left ROOM (its current state) as it is.
 
     PREVIOUS is the content of the state event EVENT replaced (None when
-    there was none or it is not known).
+    there was none or it is not known). SUPERSEDED: a later event replaced
+    EVENT already; only the ACL upkeep applies.
     """
+    if superseded:
+        acl = acl_repair(servers, room, event, local_server, [])
+        return [acl] if acl is not None else []
     key = event.state_key
     membership = _membership_change(event, previous)
     if membership == "join" and key is not None and server_of(key) == local_server:

@@ -413,6 +413,20 @@ def check_local_knock(servers: Servers, room: Room) -> Decision:
     return check_external_room(servers, room.host, True)
 
 
+def check_join_servers(servers: Servers, candidates: Iterable[str]) -> Decision:
+    """R3: an internal user's join or knock, without an invite, into a room this
+    homeserver is not in, goes through the servers the client names
+    (CANDIDATES). Such a join only succeeds in a public room: it is refused
+    when one of them is an external server whose level may not join public
+    rooms.
+    """
+    for server in candidates:
+        settings = servers.settings(server)
+        if settings is not None and not settings.join_public:
+            return Refusal(3, "external_public_room")
+    return None
+
+
 def invite_state_facts(stripped: Iterable[Mapping[str, Any]]) -> tuple[str | None, bool]:
     """(creator, public) from an invite's stripped state (unauthenticated).
 
@@ -565,6 +579,10 @@ def desired_acl(servers: Servers, room: Room) -> dict[str, Any]:
     """The ACL rule R7 keeps: exactly the internal servers and the external
     servers whose users may be in ROOM."""
     allowed = {_acl_host(s) for s in servers.internal}
+    # Servers compare the host of a request's origin (ports are ignored), but
+    # Synapse refuses an ACL event unless it matches its own full server name,
+    # port included: internal servers are listed both ways.
+    allowed |= {s.lower() for s in servers.internal}
     for server, settings in servers.external.items():
         if (room.public and settings.join_public) or (
             not room.public and admission(settings, room) is None

@@ -193,8 +193,19 @@ class MatrixClient:
         alias_localpart: str | None = None,
         public: bool = False,
         extra: dict[str, Any] | None = None,
+        access_rule: str | None = None,
     ) -> str:
+        """POST /createRoom; ACCESS_RULE sets the room's class (Tchap's
+        im.vector.room.access_rules: restricted, unrestricted or direct)."""
         body: dict[str, Any] = {"preset": preset, "visibility": "public" if public else "private"}
+        if access_rule is not None:
+            body["initial_state"] = [
+                {
+                    "type": "im.vector.room.access_rules",
+                    "state_key": "",
+                    "content": {"rule": access_rule},
+                }
+            ]
         if invite:
             body["invite"] = invite
         if name:
