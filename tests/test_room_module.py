@@ -130,6 +130,9 @@ class SourceTests(SynchronousTestCase):
             },
         )
         cases.append((bad_level, "is not a key of trust_levels"))
+        os.makedirs(os.path.join(self.dir, "two"))
+        two = write_sbg_yaml(os.path.join(self.dir, "two"), {"log_level": "loud", "mode": "x"})
+        cases.append((two, "2 problems: log_level: must be one of"))
         for path, fragment in cases:
             with self.assertRaises(RulesError) as e:
                 read_servers(path)

@@ -75,11 +75,19 @@ def read_servers(path: str) -> Servers:
     try:
         config = load_config(path, skip_files=True)
     except ConfigErrors as e:
-        lines = e.lines()
-        problems = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
-        what = "problem" if len(lines) == 1 else "problems"
-        raise RulesError(f"sbg_config {path}: {len(lines)} {what}: {problems}")
+        raise RulesError(_one_line(path, e))
     return Servers.from_policy(Policy.build(config))
+
+
+def _one_line(path: str, errors: ConfigErrors) -> str:
+    """Every problem of ERRORS on one line, naming the file once."""
+    whole_file = [e.message for e in errors.errors if not e.key_path]
+    if whole_file:  # the loader's message names the file already
+        return f"sbg_config: {whole_file[0]}"
+    lines = errors.lines()
+    shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
+    count = "" if len(lines) == 1 else f"{len(lines)} problems: "
+    return f"sbg_config {path}: {count}{shown}"
 
 
 class RulesSource:
