@@ -41,6 +41,9 @@ SERVERS = Servers(
     },
 )
 
+# Synapse's default power levels need 100 to change the server ACL.
+ACL_EVENTS = {"m.room.server_acl": 100}
+
 ALICE = f"@alice:{INT}"  # internal room administrator
 CAROL = f"@carol:{INT2}"  # internal, another internal server
 BOB = f"@bob:{V1}"
@@ -64,7 +67,11 @@ def room(
         join_rule=join_rule,
         published=published,
         creator=creator,
-        power_levels={"users": {creator: 100, **(users or {})}, "users_default": users_default},
+        power_levels={
+            "users": {creator: 100, **(users or {})},
+            "users_default": users_default,
+            "events": ACL_EVENTS,
+        },
         members={creator: "join", **(members or {})},
     )
 
@@ -402,7 +409,11 @@ class PowerLevelTests(TableTestCase):
             return state(
                 "m.room.power_levels",
                 ALICE,
-                {"users": {ALICE: 100, **users}, "users_default": users_default},
+                {
+                    "users": {ALICE: 100, **users},
+                    "users_default": users_default,
+                    "events": ACL_EVENTS,
+                },
             )
 
         open_room = room("unrestricted", members=members)
@@ -464,10 +475,57 @@ class PowerLevelTests(TableTestCase):
             ]
         )
 
+    def test_the_acl_stays_out_of_external_users_reach(self) -> None:
+        """R7: where the rules keep the ACL, changing it needs more than any
+        admitted external user may hold (V2: 50)."""
+        open_room = room("unrestricted", members={VIC: "join"})
+
+        def acl_at(level: int | None, state_default: int | None = None) -> Event:
+            content: dict[str, Any] = {"users": {ALICE: 100}}
+            if level is not None:
+                content["events"] = {"m.room.server_acl": level}
+            if state_default is not None:
+                content["state_default"] = state_default
+            return state("m.room.power_levels", ALICE, content)
+
+        self.check_table(
+            [
+                ("ACL at 100", check_event(SERVERS, open_room, acl_at(100)), None),
+                ("ACL at 51", check_event(SERVERS, open_room, acl_at(51)), None),
+                ("ACL at 50", check_event(SERVERS, open_room, acl_at(50)), "R7 acl_unprotected"),
+                (
+                    "ACL by state_default 50",
+                    check_event(SERVERS, open_room, acl_at(None)),
+                    "R7 acl_unprotected",
+                ),
+                (
+                    "ACL by state_default 60",
+                    check_event(SERVERS, open_room, acl_at(None, 60)),
+                    None,
+                ),
+                ("internal-only room", check_event(SERVERS, room(), acl_at(0)), None),
+                (
+                    "opening a room whose ACL needs 50",
+                    check_event(
+                        SERVERS,
+                        Room(**{**room().__dict__, "power_levels": {"state_default": 50}}),
+                        state("im.vector.room.access_rules", ALICE, {"rule": "unrestricted"}),
+                    ),
+                    "R7 acl_unprotected",
+                ),
+            ]
+        )
+
     def test_a_violation_already_there_does_not_block_other_changes(self) -> None:
         broken = room("unrestricted", members={BOB: "join"}, users={BOB: 50})
-        keeps = state("m.room.power_levels", ALICE, {"users": {ALICE: 100, BOB: 50}, "ban": 60})
-        raises = state("m.room.power_levels", ALICE, {"users": {ALICE: 100, BOB: 60}})
+        keeps = state(
+            "m.room.power_levels",
+            ALICE,
+            {"users": {ALICE: 100, BOB: 50}, "ban": 60, "events": ACL_EVENTS},
+        )
+        raises = state(
+            "m.room.power_levels", ALICE, {"users": {ALICE: 100, BOB: 60}, "events": ACL_EVENTS}
+        )
         self.assertIsNone(check_event(SERVERS, broken, keeps))
         self.assertEqual(check_event(SERVERS, broken, raises), Refusal(4, "power_level_above_max"))
 

@@ -16,7 +16,7 @@ from sbg.policy.room_repair import (
     plan_repairs,
 )
 from sbg.policy.rooms import Event, Refusal, Room, desired_acl
-from tests.test_room_policy import ALICE, BOB, CAROL, EVE, INT, NED, SERVERS, V1, VIC
+from tests.test_room_policy import ACL_EVENTS, ALICE, BOB, CAROL, EVE, INT, NED, SERVERS, V1, VIC
 
 MOD = f"@mod:{INT}"  # a local moderator (power 50)
 
@@ -29,7 +29,11 @@ def room(rule: str = "unrestricted", join_rule: str = "invite", **kw: Any) -> Ro
         rule_declared=True,
         join_rule=join_rule,
         creator=kw.pop("creator", ALICE),
-        power_levels={"users": users, "users_default": kw.pop("users_default", 0)},
+        power_levels={
+            "users": users,
+            "users_default": kw.pop("users_default", 0),
+            "events": ACL_EVENTS,
+        },
         members=members,
         **kw,
     )
@@ -142,10 +146,8 @@ class MembershipRepairTests(SynchronousTestCase):
                 room("direct", members={VIC: "join", BOB: "invite"}, acl=None),
                 member(VIC, BOB, "invite"),
                 None,
-                [
-                    (f"kick {BOB}", ALICE, "R1 direct_room_full"),
-                    ("set m.room.server_acl", ALICE, None),
-                ],
+                # The ACL is set after the kick, on the repaired room.
+                [(f"kick {BOB}", ALICE, "R1 direct_room_full")],
             ),
             ("leaves are fine", room(members={BOB: "leave"}), member(BOB, BOB, "leave"), None, []),
         ]
@@ -186,8 +188,16 @@ class MembershipRepairTests(SynchronousTestCase):
 
 class PowerLevelRepairTests(SynchronousTestCase):
     def test_remote_power_levels_are_undone(self) -> None:
-        before = {"users": {ALICE: 100, MOD: 50, VIC: 50, BOB: 0}, "users_default": 0}
-        after = {"users": {ALICE: 100, MOD: 50, VIC: 50, BOB: 50}, "users_default": 0}
+        before = {
+            "users": {ALICE: 100, MOD: 50, VIC: 50, BOB: 0},
+            "users_default": 0,
+            "events": ACL_EVENTS,
+        }
+        after = {
+            "users": {ALICE: 100, MOD: 50, VIC: 50, BOB: 50},
+            "users_default": 0,
+            "events": ACL_EVENTS,
+        }
         r = room(members={VIC: "join", BOB: "join"}, users=after["users"])
         repairs = plan_repairs(
             SERVERS, r, Event("m.room.power_levels", VIC, after, ""), before, INT
@@ -200,10 +210,14 @@ class PowerLevelRepairTests(SynchronousTestCase):
         self.assertEqual(action.content, before)
 
     def test_users_default_back_to_zero(self) -> None:
-        after = {"users": {ALICE: 100, MOD: 50}, "users_default": 20}
+        after = {"users": {ALICE: 100, MOD: 50}, "users_default": 20, "events": ACL_EVENTS}
         r = room(users_default=20)
-        fixed = corrected_power_levels(SERVERS, r, after, {"users": {}, "users_default": 0})
-        self.assertEqual(fixed, {"users": {ALICE: 100, MOD: 50}, "users_default": 0})
+        fixed = corrected_power_levels(
+            SERVERS, r, after, {"users": {}, "users_default": 0, "events": ACL_EVENTS}
+        )
+        self.assertEqual(
+            fixed, {"users": {ALICE: 100, MOD: 50}, "users_default": 0, "events": ACL_EVENTS}
+        )
         repairs = plan_repairs(
             SERVERS, r, Event("m.room.power_levels", ALICE, after, ""), None, INT
         )
@@ -212,13 +226,28 @@ class PowerLevelRepairTests(SynchronousTestCase):
         )
 
     def test_clamped_to_the_maximum_when_the_previous_level_is_unknown(self) -> None:
-        after = {"users": {ALICE: 100, VIC: 90, BOB: 5}}
+        after = {"users": {ALICE: 100, VIC: 90, BOB: 5}, "events": ACL_EVENTS}
         r = room(members={VIC: "join", BOB: "join"}, users=after["users"])
         fixed = corrected_power_levels(SERVERS, r, after, None)
         self.assertEqual(fixed["users"], {ALICE: 100, VIC: 50, BOB: 0})
 
+    def test_the_acl_level_goes_back_up(self) -> None:
+        after = {"users": {ALICE: 100, MOD: 50, VIC: 50}, "events": {"m.room.server_acl": 50}}
+        r = room(members={VIC: "join"}, users=after["users"])
+        repairs = plan_repairs(SERVERS, r, Event("m.room.power_levels", VIC, after, ""), None, INT)
+        self.assertEqual(
+            describe(repairs), [("set m.room.power_levels", ALICE, "R7 acl_unprotected")]
+        )
+        action = repairs[0].action
+        assert isinstance(action, SetState)
+        self.assertEqual(action.content["events"], {"m.room.server_acl": 100})
+
     def test_compliant_power_levels_need_nothing(self) -> None:
-        content = {"users": {ALICE: 100, MOD: 50, VIC: 50}, "users_default": 0}
+        content = {
+            "users": {ALICE: 100, MOD: 50, VIC: 50},
+            "users_default": 0,
+            "events": ACL_EVENTS,
+        }
         r = room(members={VIC: "join"}, users=content["users"])
         self.assertEqual(plan(r, Event("m.room.power_levels", ALICE, content, "")), [])
 

@@ -55,6 +55,7 @@ from sbg.policy.rooms import (
     Room,
     Servers,
     acl_managed,
+    acl_unprotected,
     admission,
     check_access_rules,
     check_local_join,
@@ -179,6 +180,9 @@ def corrected_power_levels(
     if room.rule != RESTRICTED and _default(content) > 0:
         before = _default(previous) if previous is not None else 0
         fixed["users_default"] = before if before <= 0 else 0
+    if acl_unprotected(servers, room, fixed):
+        events = fixed.get("events")
+        fixed["events"] = {**(events if isinstance(events, Mapping) else {}), SERVER_ACL: 100}
     violations = power_level_violations(servers, room, fixed)
     if violations:
         users = content.get("users")
@@ -235,11 +239,12 @@ def plan_repairs(
         repair = _join_rules_repair(room, event, previous, local_server, sender_power)
     elif key is not None and event.type == THIRD_PARTY_INVITE and event.content:
         repair = _third_party_invite_repair(room, key, local_server, sender_power)
-    repairs = [repair] if repair is not None else []
+    if repair is not None:
+        # The repair's own event brings the room here again: the ACL is
+        # judged then, on the repaired state.
+        return [repair]
     acl = acl_repair(servers, room, event, local_server, sender_power)
-    if acl is not None:
-        repairs.append(acl)
-    return repairs
+    return [acl] if acl is not None else []
 
 
 def _membership_change(event: Event, previous: Mapping[str, Any] | None) -> str | None:
@@ -285,6 +290,8 @@ def _power_levels_repair(
     refusal = Refusal(4, "power_level_above_max")
     if not power_level_violations(servers, room, event.content):
         refusal = Refusal(4, "users_default_above_zero")
+        if _default(event.content) <= 0 or room.rule == RESTRICTED:
+            refusal = Refusal(7, "acl_unprotected")
     changed = _changed_users(event.content, fixed, set(room.present()) | _named(fixed))
     above = [room.power(u) for u in changed] + sender_power
     # Changing users_default needs at least its current value.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sbg.config.model import RoomSettings
@@ -81,6 +81,7 @@ REASONS: Mapping[str, str] = {
     # R7: unknown servers and the server ACL
     "unknown_server_room": "this room is hosted on a server that is not trusted",
     "acl_managed": "the server ACL of this room is managed by the room rules",
+    "acl_unprotected": "the server ACL must need a higher power level than external users may hold",
 }
 
 
@@ -499,6 +500,8 @@ def check_power_levels(servers: Servers, room: Room, content: Mapping[str, Any])
         default = _int(content.get("users_default"), 0)
         if default > 0 and default > _int(old.get("users_default"), 0):
             return Refusal(4, "users_default_above_zero")
+    if acl_unprotected(servers, room, content) and (not old or acl_level(content) < acl_level(old)):
+        return Refusal(7, "acl_unprotected")
     return None
 
 
@@ -530,8 +533,11 @@ def check_access_rules(servers: Servers, room: Room, event: Event) -> Decision:
     if new != RESTRICTED:
         if room.public:
             return Refusal(5, "unrestricted_room_public")
-        if room.power_levels is not None and _int(room.power_levels.get("users_default")) > 0:
+        pl = room.power_levels
+        if pl is not None and _int(pl.get("users_default")) > 0:
             return Refusal(4, "users_default_above_zero")
+        if pl is not None and acl_unprotected(servers, replace(room, rule=new), pl):
+            return Refusal(7, "acl_unprotected")
     return None
 
 
@@ -575,6 +581,16 @@ def _acl_host(server: str) -> str:
     return server.split(":", 1)[0].lower()
 
 
+def admitted(servers: Servers, room: Room) -> dict[str, RoomSettings]:
+    """The external servers whose users may be in ROOM (R1, R2)."""
+    return {
+        server: settings
+        for server, settings in servers.external.items()
+        if (room.public and settings.join_public)
+        or (not room.public and admission(settings, room) is None)
+    }
+
+
 def desired_acl(servers: Servers, room: Room) -> dict[str, Any]:
     """The ACL rule R7 keeps: exactly the internal servers and the external
     servers whose users may be in ROOM."""
@@ -583,12 +599,25 @@ def desired_acl(servers: Servers, room: Room) -> dict[str, Any]:
     # Synapse refuses an ACL event unless it matches its own full server name,
     # port included: internal servers are listed both ways.
     allowed |= {s.lower() for s in servers.internal}
-    for server, settings in servers.external.items():
-        if (room.public and settings.join_public) or (
-            not room.public and admission(settings, room) is None
-        ):
-            allowed.add(_acl_host(server))
+    allowed |= {_acl_host(s) for s in admitted(servers, room)}
     return {"allow": sorted(allowed), "deny": [], "allow_ip_literals": False}
+
+
+def acl_level(content: Mapping[str, Any]) -> int:
+    """The power level needed to send `m.room.server_acl` under power levels CONTENT."""
+    events = content.get("events")
+    if isinstance(events, Mapping) and SERVER_ACL in events:
+        return _int(events[SERVER_ACL])
+    return _int(content.get("state_default"), 50)
+
+
+def acl_unprotected(servers: Servers, room: Room, content: Mapping[str, Any]) -> bool:
+    """Whether, in ROOM, power levels CONTENT let an external user change the
+    ACL the rules keep (its level is not above every admitted level's maximum)."""
+    if not acl_managed(room, servers):
+        return False
+    top = max((s.max_power_level for s in admitted(servers, room).values()), default=None)
+    return top is not None and acl_level(content) <= top
 
 
 def same_acl(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> bool:
