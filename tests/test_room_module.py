@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,22 +321,34 @@ class RepairRunnerTests(TestCase):
         self.assertFalse(self.runner.is_repair("!r", "im.vector.room.access_rules", "", content))
 
     async def test_one_room_at_a_time(self) -> None:
+        """Events of one room are planned in order, each with its own planner."""
         gate: defer.Deferred[None] = defer.Deferred()
         order: list[str] = []
 
-        async def slow(room_id: str, trigger: Trigger) -> list[Repair]:
-            order.append(f"plan {trigger.event_id}")
-            if trigger.event_id == "$1":
-                await gate
-            return []
+        def planner(name: str) -> Callable[[str, Trigger], Awaitable[list[Repair]]]:
+            async def plan(room_id: str, trigger: Trigger) -> list[Repair]:
+                order.append(f"{name} for {trigger.event_id}")
+                if trigger.event_id == "$1":
+                    await gate
+                return []
 
-        first = defer.ensureDeferred(self.runner.run("!r", Trigger("$1", "@v:p", "x"), slow))
-        second = defer.ensureDeferred(self.runner.run("!r", Trigger("$2", "@v:p", "x"), slow))
-        self.assertEqual(order, ["plan $1"])  # $2 waits for $1
+            return plan
+
+        first = defer.ensureDeferred(
+            self.runner.run("!r", Trigger("$1", "@v:p", "x"), planner("a"))
+        )
+        second = defer.ensureDeferred(
+            self.runner.run("!r", Trigger("$2", "@v:p", "x"), planner("b"))
+        )
+        other = defer.ensureDeferred(
+            self.runner.run("!s", Trigger("$3", "@v:p", "x"), planner("c"))
+        )
+        self.assertEqual(order, ["a for $1", "c for $3"])  # $2 waits for $1, !s does not
         gate.callback(None)
         await first
         await second
-        self.assertEqual(order, ["plan $1", "plan $2"])
+        await other
+        self.assertEqual(order, ["a for $1", "c for $3", "b for $2"])
 
 
 class NoSynapseInTheGatewayTests(SynchronousTestCase):

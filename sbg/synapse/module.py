@@ -17,6 +17,7 @@ documented in docs/room-rules.md. In short:
 * `federated_user_may_invite`: invites from other servers (R3, R7);
 * `user_may_join_room`: joins of local users into rooms this server is not
   in yet (R3, from the servers the request names);
+* `user_may_publish_room`: directory publication (R5), for every user;
 * `check_threepid_can_be_invited`, `check_visibility_can_be_modified`: R6
   and R5 (both fail open on an exception in Synapse, so they never raise);
 * `on_new_event`: what arrived over federation and broke a rule is undone
@@ -102,6 +103,7 @@ class RoomRules:
         api.register_spam_checker_callbacks(
             federated_user_may_invite=self.federated_user_may_invite,
             user_may_join_room=self.user_may_join_room,
+            user_may_publish_room=self.user_may_publish_room,
         )
         api.looping_background_call(
             self._source.refresh,
@@ -200,6 +202,16 @@ class RoomRules:
             self._refused(refusal, f"publishing {room_id} in the room directory")
             return False
         return True
+
+    async def user_may_publish_room(self, user_id: str, room_id: str) -> Any:
+        # Called for every user, server administrators too; answers
+        # M_FORBIDDEN (check_visibility_can_be_modified, the backstop, cannot).
+        state = await self._api.get_room_state(room_id, [(ACCESS_RULES, "")])
+        refusal = check_publication(room_facts(state, published=False))
+        if refusal is None:
+            return NOT_SPAM
+        self._refused(refusal, f"publishing {room_id} in the room directory (by {user_id})")
+        return Codes.FORBIDDEN
 
     async def federated_user_may_invite(self, event: EventLike) -> Any:
         try:

@@ -56,7 +56,7 @@ class RepairRunner:
     def __init__(self, ops: RoomOps, count: Callable[[str], None]) -> None:
         self._ops = ops
         self._count = count
-        self._queues: dict[str, list[Trigger]] = {}
+        self._queues: dict[str, list[tuple[Trigger, Planner]]] = {}
         # (room, type, state key) -> content of the state events being sent
         # by a repair, which the rules let through (see `is_repair`).
         self._sending: dict[tuple[str, str, str], Mapping[str, Any]] = {}
@@ -75,14 +75,14 @@ class RepairRunner:
         """Plan and carry out the repairs after TRIGGER, in ROOM_ID's turn."""
         queue = self._queues.get(room_id)
         if queue is not None:
-            queue.append(trigger)
+            queue.append((trigger, plan))
             return
-        queue = self._queues[room_id] = [trigger]
+        queue = self._queues[room_id] = [(trigger, plan)]
         try:
             while queue:
-                current = queue.pop(0)
+                current, planner = queue.pop(0)
                 started = time.monotonic()
-                for repair in await plan(room_id, current):
+                for repair in await planner(room_id, current):
                     await self._carry_out(room_id, current, repair, started)
         finally:
             del self._queues[room_id]
