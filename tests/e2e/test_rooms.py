@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import TestCase
 
+from tests.e2e.border import ModuleLog
 from tests.e2e.harness import (
     E2E_NET,
     HS_EVIL,
@@ -56,32 +57,6 @@ def scenario(cluster: Cluster, name: str) -> Iterator[None]:
     except Exception as e:
         raise AssertionError(f"scenario {name} failed: {e}\n{cluster.describe_logs()}") from e
     print(f"[e2e] rooms: {name}: ok in {time.monotonic() - started:.1f}s")
-
-
-class ModuleLog:
-    """The room rules' lines in hs-int's log."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def mark(self) -> int:
-        return os.path.getsize(self.path)
-
-    def lines(self, since: int = 0) -> list[str]:
-        with open(self.path, "rb") as f:
-            f.seek(since)
-            text = f.read().decode("utf-8", "replace")
-        return [line for line in text.splitlines() if "room rules:" in line]
-
-    def expect(self, since: int, *fragments: str, timeout: float = 10.0) -> str:
-        """The first module line since SINCE holding every fragment (waits)."""
-        return wait_until(
-            lambda: next(
-                (line for line in self.lines(since) if all(f in line for f in fragments)), None
-            ),
-            timeout,
-            f"a room rules log line with {fragments}",
-        )
 
 
 def refusal_counts(metrics_url: str) -> dict[str, float]:
