@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from twisted.internet import defer
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.config.model import RoomSettings
 from sbg.policy.room_repair import Kick, Leave, Repair, SetState
@@ -31,6 +31,7 @@ from sbg.synapse.source import (
     parse_module_config,
     read_servers,
 )
+from tests.asynctest import TestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"

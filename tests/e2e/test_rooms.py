@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.border import ModuleLog
+from tests.e2e.border import ModuleLog, served_federation_requests
 from tests.e2e.harness import (
     E2E_NET,
     HS_EVIL,
@@ -36,8 +36,9 @@ from tests.e2e.harness import (
     Cluster,
     start_cluster,
 )
+from tests.e2e.hostile import forge_join, send_join_path, send_signed
 from tests.e2e.identity_stub import IdentityStub
-from tests.e2e.matrix_client import MatrixClient, MatrixError, wait_until
+from tests.e2e.matrix_client import MatrixClient, MatrixError, q, wait_until
 from tests.e2e.pki import issue_server_cert
 
 ACCESS_RULES = "im.vector.room.access_rules"
@@ -135,6 +136,7 @@ class RoomRulesTests(TestCase):
             extra_config=extra,
         )
         assert cluster.sbg is not None
+        sbg = cluster.sbg
         hs_int, hs_ext = cluster[HS_INT.key], cluster[HS_EXT.key]
         hs_partner, hs_evil = cluster[HS_PARTNER.key], cluster[HS_EVIL.key]
         log = ModuleLog(hs_int.log_path)
@@ -465,6 +467,76 @@ class RoomRulesTests(TestCase):
             )
             log.expect(mark, "R7 acl_unprotected")
 
+        with scenario(cluster, "R2 against a hostile trusted server: a hand-crafted send_join"):
+            # hs-ext builds bob's join into an internal public room itself,
+            # skipping make_join (whose template the room rules refuse).
+            mark, audit_mark = log.mark(), sbg.audit.mark()
+            lobby = alice.create_room(preset="public_chat", public=True, name="no external user")
+            forged: list[str] = []
+
+            def hand_crafted_join(room: str) -> tuple[int, Any]:
+                state = alice.state(room)
+                ids = {(e["type"], e["state_key"]): e["event_id"] for e in state}
+                create = next(e for e in state if e["type"] == "m.room.create")
+                latest = alice.messages(room, "b", 1)["chunk"][0]["event_id"]
+                auth = [ids[("m.room.power_levels", "")], ids[("m.room.join_rules", "")]]
+                event, event_id = forge_join(
+                    hs_ext,
+                    bob.user_id,
+                    room,
+                    create["content"].get("room_version", "1"),
+                    [latest],
+                    auth,
+                )
+                forged.append(event_id)
+                return send_signed(
+                    hs_ext,
+                    hs_int.server_name,
+                    HS_INT.host,
+                    cluster.cas[HS_INT.ca].certificate,
+                    "PUT",
+                    send_join_path(room, event_id),
+                    event,
+                )
+
+            # 1. The gateway: no make_join prepared it.
+            status, body = hand_crafted_join(lobby)
+            print(f"[e2e] hand-crafted send_join -> {status} {body}")
+            self.assertEqual((status, body.get("errcode")), (403, "M_FORBIDDEN"), body)
+            record = sbg.audit.wait_for(lambda r: r.get("group") == "joins", since=audit_mark)
+            self.assertEqual((record["decision"], record["code"]), ("deny", "join_not_prepared"))
+            served = [x for x in served_federation_requests(hs_int.log_path) if "send_join" in x]
+            self.assertNotIn(q(forged[0]), " ".join(served), "the send_join reached hs-int")
+            self.never(
+                lambda: alice.membership(lobby, bob.user_id) is not None,
+                "bob has a membership in the public room",
+            )
+            # Without the gateway's check (monitor mode: logged, not refused):
+            with open(sbg.config_path) as f:
+                config = yaml.safe_load(f)
+            sbg.write_config({**config, "mode": "monitor"})
+            sbg.reload()
+            time.sleep(1.0)
+            # 2. the server ACL the room rules keep where a V2 user is (R7):
+            # hs-int itself refuses hs-ext, which may not be in public rooms;
+            status, body = hand_crafted_join(public)
+            print(f"[e2e] ... into a room with a kept ACL -> {status} {body}")
+            self.assertEqual(status, 403, body)
+            self.assertIsNone(alice.membership(public, bob.user_id))
+            # 3. a room without one: the join lands, and R8 undoes it.
+            sent_at = time.monotonic()
+            status, body = hand_crafted_join(lobby)
+            self.assertEqual(status, 200, body)
+            self.undone_within(
+                "a hand-crafted send_join of bob (V1) into an internal public room",
+                lambda: alice.membership(lobby, bob.user_id) == "leave",
+                sent_at,
+            )
+            log.expect(mark, "R8 undid R2 public_room_not_allowed", bob.user_id)
+            sbg.write_config(config)
+            sbg.reload()
+            time.sleep(1.0)
+
         with scenario(cluster, "the module re-reads sbg.yaml"):
             mark = log.mark()
             path = cluster.sbg_config_path
@@ -491,8 +563,8 @@ class RoomRulesTests(TestCase):
             print(f"[e2e] sbg_room_refusals_total: {json.dumps(counts, sort_keys=True)}")
             for rule in ("R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8"):
                 self.assertGreater(counts.get(rule, 0), 0, f"{rule} never counted: {counts}")
-            # Each of the five violations above undone once, nothing failed.
-            self.assertEqual(counts["R8"], 5, counts)
+            # Each of the six violations above undone once, nothing failed.
+            self.assertEqual(counts["R8"], 6, counts)
             self.assertEqual([x for x in log.lines() if "R8 failed" in x or "R8 cannot" in x], [])
             for line in log.lines():
                 print(f"[e2e]   {line.split(' - ')[-1]}")
