@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sbg.config.model import RoomSettings
 from sbg.matrix.ids import server_of
 from sbg.policy.rooms import (
     ACCESS_RULES,
@@ -60,6 +61,7 @@ from sbg.policy.rooms import (
     check_access_rules,
     check_local_join,
     desired_acl,
+    other_server,
     power_level_violations,
     same_acl,
     user_power,
@@ -139,11 +141,11 @@ def member_refusal(
 
     ROOM is the state after the membership event.
     """
-    if servers.user_kind(user) == "internal" or membership not in PRESENT:
+    if membership not in PRESENT:
         return None
-    settings = servers.user_settings(user)
-    if settings is None:
-        return Refusal(7, "unknown_server")
+    settings = other_server(servers, user)
+    if not isinstance(settings, RoomSettings):
+        return settings
     if membership == "knock":
         return None if settings.join_public else Refusal(2, "knock_not_allowed")
     rule = 1 if membership == "invite" else 2

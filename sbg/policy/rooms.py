@@ -326,6 +326,16 @@ def admission(settings: RoomSettings, room: Room) -> str | None:
     return None
 
 
+def other_server(servers: Servers, user: str) -> RoomSettings | Decision:
+    """The room settings of USER's server when it is external; None (nothing
+    to check) when it is internal; R7's refusal when it is unknown."""
+    kind = servers.user_kind(user)
+    if kind == "internal":
+        return None
+    settings = servers.user_settings(user)
+    return Refusal(7, "unknown_server") if settings is None else settings
+
+
 def check_invite(servers: Servers, room: Room, inviter: str, invitee: str) -> Decision:
     """R1 (and R7 for the inviter): may INVITER invite INVITEE into ROOM?"""
     if servers.user_kind(inviter) == "unknown":
@@ -357,12 +367,9 @@ def check_remote_join(
     before = room.members.get(user)
     if before == "join":
         return None  # a profile change, not a join
-    kind = servers.user_kind(user)
-    if kind == "internal":
-        return None
-    settings = servers.user_settings(user)
-    if kind == "unknown" or settings is None:
-        return Refusal(7, "unknown_server")
+    settings = other_server(servers, user)
+    if not isinstance(settings, RoomSettings):
+        return settings
     if room.public:
         return None if settings.join_public else Refusal(2, "public_room_not_allowed")
     if before != "invite":
@@ -373,12 +380,9 @@ def check_remote_join(
 
 def check_remote_knock(servers: Servers, user: str) -> Decision:
     """R2 (and R7): may USER, of another server, knock on our room?"""
-    kind = servers.user_kind(user)
-    if kind == "internal":
-        return None
-    settings = servers.user_settings(user)
-    if kind == "unknown" or settings is None:
-        return Refusal(7, "unknown_server")
+    settings = other_server(servers, user)
+    if not isinstance(settings, RoomSettings):
+        return settings
     return None if settings.join_public else Refusal(2, "knock_not_allowed")
 
 

@@ -49,20 +49,23 @@ def sbg_yaml(trust_level: str = "external") -> dict[str, Any]:
 class StartupRefusalTests(TestCase):
     timeout = 300
 
-    def start_refused(self, module_config: Any) -> tuple[int | None, str]:
-        """Start hs-int with the room rules module configured so; return its
-        exit status and everything it wrote."""
+    def cluster(self, module_config: Any) -> Cluster:
+        """hs-int alone, with the room rules module configured so (not started)."""
         require_synapse()
-        run_dir = os.path.abspath(self.mktemp())
         module = {"module": "sbg.synapse.RoomRules", "config": module_config}
         cluster = Cluster(
-            run_dir,
+            os.path.abspath(self.mktemp()),
             homeservers=(HS_INT,),
             room_rules=True,
             extra_config={HS_INT.key: {"modules": [module]}},
         )
         self.addCleanup(cluster.stop)
-        hs = cluster[HS_INT.key]
+        return cluster
+
+    def start_refused(self, module_config: Any) -> tuple[int | None, str]:
+        """Start hs-int with the module configured so; return its exit status
+        and everything it wrote."""
+        hs = self.cluster(module_config)[HS_INT.key]
         started = time.monotonic()
         hs.start()
         while hs.process.running() and time.monotonic() - started < EXIT_TIMEOUT:
@@ -111,20 +114,11 @@ class StartupRefusalTests(TestCase):
     def test_a_valid_file_starts(self) -> None:
         """The same setup with a valid file: Synapse starts (the refusals above
         are the module's, not the harness's)."""
-        require_synapse()
-        run_dir = os.path.abspath(self.mktemp())
-        path = os.path.join(run_dir, "sbg.yaml")
-        os.makedirs(run_dir)
+        path = os.path.abspath(os.path.join(self.mktemp(), "sbg.yaml"))
+        os.makedirs(os.path.dirname(path))
         with open(path, "w") as f:
             yaml.safe_dump(sbg_yaml(), f)
-        module = {"module": "sbg.synapse.RoomRules", "config": {"sbg_config": path}}
-        cluster = Cluster(
-            run_dir,
-            homeservers=(HS_INT,),
-            room_rules=True,
-            extra_config={HS_INT.key: {"modules": [module]}},
-        )
-        self.addCleanup(cluster.stop)
+        cluster = self.cluster({"sbg_config": path})
         took = cluster.start()
         with open(cluster[HS_INT.key].log_path) as f:
             self.assertIn(f"room rules: {path} loaded (1 internal, 1 external servers)", f.read())
