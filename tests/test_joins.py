@@ -23,8 +23,8 @@ from sbg.policy.joins import (
     prepared_key,
 )
 from sbg.reasons import JOIN_NOT_PREPARED
+from testbed.configtools import INTERNAL_SERVER, PARTNER_SERVER
 from tests.asynctest import TestCase
-from tests.configtools import INTERNAL_SERVER, PARTNER_SERVER
 from tests.gateway import assert_refused, start_gateway
 from tests.standin import StandinState
 

@@ -16,7 +16,7 @@ from sbg.policy.room_repair import (
     plan_repairs,
 )
 from sbg.policy.rooms import Event, Refusal, Room, desired_acl
-from tests.test_room_policy import ACL_EVENTS, ALICE, BOB, CAROL, EVE, INT, NED, SERVERS, V1, VIC
+from tests.room_facts import ACL_EVENTS, ALICE, BOB, CAROL, EVE, INT, NED, SERVERS, V1, VIC
 
 MOD = f"@mod:{INT}"  # a local moderator (power 50)
 

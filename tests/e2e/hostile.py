@@ -20,8 +20,8 @@ from typing import Any
 from signedjson.key import read_signing_keys
 from signedjson.sign import sign_json
 
-from tests.e2e.harness import SBG_ADDRESS, SBG_INBOUND_PORT, SYNAPSE_VENV, Homeserver
-from tests.e2e.processes import clean_environment
+from testbed.e2e.harness import SBG_ADDRESS, SBG_INBOUND_PORT, SYNAPSE_VENV, Homeserver
+from testbed.e2e.processes import clean_environment
 
 FORGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge_event.py")
 

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import HS_INT, Cluster, require_synapse
-from tests.e2e.processes import tail
+from testbed.e2e.harness import HS_INT, Cluster, require_synapse
+from testbed.e2e.processes import tail
 
 EXIT_TIMEOUT = 90.0
 KEY = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"

@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.border import ModuleLog, served_federation_requests
-from tests.e2e.harness import (
+from testbed.e2e.border import ModuleLog, served_federation_requests
+from testbed.e2e.harness import (
     E2E_NET,
     HS_EVIL,
     HS_EXT,
@@ -36,10 +36,10 @@ from tests.e2e.harness import (
     Cluster,
     start_cluster,
 )
+from testbed.e2e.matrix_client import MatrixClient, MatrixError, q, wait_until
+from testbed.pki import issue_server_cert
 from tests.e2e.hostile import forge_join, send_join_path, send_signed
 from tests.e2e.identity_stub import IdentityStub
-from tests.e2e.matrix_client import MatrixClient, MatrixError, q, wait_until
-from tests.e2e.pki import issue_server_cert
 
 ACCESS_RULES = "im.vector.room.access_rules"
 ID_HOST, ID_ADDRESS, ID_PORT = "id.test", f"{E2E_NET}.6", 8090
