@@ -139,7 +139,7 @@ class Runtime:
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
         # The joins the internal homeservers prepared (make_join answered),
         # shared by the workers of this node through state_dir.
-        self.prepared_joins = PreparedJoins(policy.config.state_dir, clock=reactor.seconds)
+        self.prepared_joins = PreparedJoins(snapshot.policy.config.state_dir, clock=reactor.seconds)
 
     @property
     def policy(self) -> Policy:
