@@ -6,9 +6,13 @@ Starts three homeservers and sbg (the end-to-end topology of tests/e2e):
     hs-int.test:8448 (internal) --CONNECT--> sbg proxy 127.0.0.10:3128 --TLS--> hs-ext :8448
     hs-evil.test:8448 (unknown to sbg): refused both ways
 
-then plays three scenarios with readable output: a private room across the
-border (invite and join), messages both ways, and the untrusted server refused
-in both directions. After each one it summarises sbg's audit lines. Then it
+hs-int runs the room rules module (`sbg.synapse.RoomRules`, reading sbg's
+sbg.yaml, where hs-ext is at the V1 level). The demo plays four scenarios
+with readable output: the room layer (the hs-ext user refused in a
+restricted room, then invited into an open one), messages both ways, and
+the untrusted server refused in both directions. After each one it prints
+sbg's audit lines (the gateway layer) and the module's log lines (the room
+layer). Then it
 leaves everything running until Ctrl-C (or exits at once with --no-wait) and
 stops every process it started, by PID.
 
@@ -23,10 +27,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from testbed.e2e.border import (
+    ModuleLog,
     describe,
     invite_and_join,
     send_concurrently,
@@ -66,26 +71,63 @@ def crossings(cluster: Cluster, since: int) -> None:
     say(summarise(records))
 
 
+def room_rules(log: ModuleLog, since: int) -> None:
+    """Print the room rules module's log lines since SINCE (a log offset)."""
+    lines = log.lines(since)
+    say(f"--- room rules (hs-int's Synapse module): {len(lines)} line(s) ---")
+    for line in lines:
+        say("  " + line.split(" - ")[-1])
+
+
+def attempt(what: str, call: Callable[[], object]) -> None:
+    try:
+        call()
+        say(f"{what}: UNEXPECTEDLY ALLOWED")
+    except MatrixError as e:
+        reason = e.body.get("error") if isinstance(e.body, dict) else e.body
+        say(f"{what}: refused, the client sees {e.status} {e.errcode}: {reason}")
+
+
 def play(cluster: Cluster) -> None:
-    """Scenarios 1, 2 and 6 of the end-to-end suite, narrated."""
+    """The room layer, then scenarios 1, 2 and 6 of the end-to-end suite, narrated."""
     assert cluster.sbg is not None
     audit = cluster.sbg.audit
     hs_int, hs_ext, hs_evil = cluster[HS_INT.key], cluster[HS_EXT.key], cluster[HS_EVIL.key]
+    log = ModuleLog(hs_int.log_path)
     alice = hs_int.register("alice")
     bob = hs_ext.register("bob")
     mallory = hs_evil.register("mallory")
-    say(f"users: {alice.user_id} (internal), {bob.user_id} (trusted external), ")
+    say(f"users: {alice.user_id} (internal), {bob.user_id} (trusted external, V1), ")
     say(f"       {mallory.user_id} (not in sbg's configuration)")
 
-    heading("1. a private room across the border")
-    mark = audit.mark()
-    room = alice.create_room(preset="private_chat", name="across the border")
-    say(f"{alice.user_id} created {room} and invites {bob.user_id}")
-    invite_and_join(alice, bob, room, hs_int.server_name)
-    say(f"{bob.user_id} saw the invite and joined; members: {alice.joined_members(room)}")
+    heading("1. the room layer: a V1 user and a restricted room")
+    mark, log_mark = audit.mark(), log.mark()
+    internal = alice.create_room(preset="private_chat", name="internal only")
+    say(f"{alice.user_id} created {internal} (no access rule: restricted, internal users only)")
+    attempt(f"{alice.user_id} invites {bob.user_id}", lambda: alice.invite(internal, bob.user_id))
+    attempt(
+        f"{bob.user_id} tries to join it",
+        lambda: bob.join(internal, via=[hs_int.server_name]),
+    )
+    say(f"members: {alice.joined_members(internal)}")
+    room_rules(log, log_mark)
     crossings(cluster, mark)
 
-    heading(f"2. messages both ways ({MESSAGES_EACH_WAY} each, sent at the same time)")
+    heading("2. an open room across the border")
+    mark, log_mark = audit.mark(), log.mark()
+    room = alice.create_room(
+        preset="private_chat", name="across the border", access_rule="unrestricted"
+    )
+    say(f"{alice.user_id} created {room} (unrestricted: open to external users)")
+    say(f"and invites {bob.user_id}")
+    invite_and_join(alice, bob, room, hs_int.server_name)
+    say(f"{bob.user_id} saw the invite and joined; members: {alice.joined_members(room)}")
+    acl = alice.state_content(room, "m.room.server_acl") or {}
+    say(f"the module keeps the room's server ACL: allow {acl.get('allow')}")
+    room_rules(log, log_mark)
+    crossings(cluster, mark)
+
+    heading(f"3. messages both ways ({MESSAGES_EACH_WAY} each, sent at the same time)")
     mark = audit.mark()
     from_alice = [f"hello from the inside #{i}" for i in range(MESSAGES_EACH_WAY)]
     from_bob = [f"hello from the outside #{i}" for i in range(MESSAGES_EACH_WAY)]
@@ -98,29 +140,29 @@ def play(cluster: Cluster) -> None:
         say(f"  {sender:28} {body}")
     crossings(cluster, mark)
 
-    heading("6. hs-evil is refused in both directions")
-    mark = audit.mark()
+    heading("4. hs-evil is refused in both directions, by both layers")
+    mark, log_mark = audit.mark(), log.mark()
     lobby = alice.create_room(preset="public_chat", public=True, alias_localpart="lobby")
-    for what, attempt in (
-        (
-            f"{mallory.user_id} looks up {alice.user_id}'s profile",
-            lambda: mallory.get_profile(alice.user_id),
-        ),
-        (
-            f"{mallory.user_id} tries to join {lobby}",
-            lambda: mallory.join(lobby, via=[hs_int.server_name]),
-        ),
-        (f"{alice.user_id} invites {mallory.user_id}", lambda: alice.invite(room, mallory.user_id)),
-    ):
-        try:
-            attempt()
-            say(f"{what}: UNEXPECTEDLY ALLOWED")
-        except MatrixError as e:
-            say(f"{what}: refused, the client sees {e.status} {e.errcode}")
+    attempt(
+        f"{mallory.user_id} looks up {alice.user_id}'s profile",
+        lambda: mallory.get_profile(alice.user_id),
+    )
+    attempt(
+        f"{mallory.user_id} tries to join {lobby}",
+        lambda: mallory.join(lobby, via=[hs_int.server_name]),
+    )
+    attempt(
+        f"{alice.user_id} invites {mallory.user_id}", lambda: alice.invite(room, mallory.user_id)
+    )
+    attempt(
+        f"{alice.user_id} looks up {mallory.user_id}'s profile",
+        lambda: alice.get_profile(mallory.user_id),
+    )
     refusals = [r for r in audit.records(mark) if r.get("decision") != "allow"]
-    say(f"--- sbg refused {len(refusals)} request(s): ---")
+    say(f"--- sbg (the gateway) refused {len(refusals)} request(s): ---")
     for r in refusals:
         say("  " + describe(r))
+    room_rules(log, log_mark)
 
 
 def wait_for_interrupt() -> None:

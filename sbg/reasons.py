@@ -208,6 +208,16 @@ UNTRUSTED_RELAYED_SENDER = Reason(
     "a relayed membership of a user of a server sbg does not trust",
     soft=True,
 )
+# Joins: a send_join follows a make_join this homeserver answered.
+JOIN_NOT_PREPARED = Reason(
+    "join_not_prepared",
+    403,
+    _FORBIDDEN,
+    "a `send_join` that no `make_join` answered 200 by the internal homeserver (for this "
+    "origin, room and user, within 10 minutes) prepared: a hand-crafted join, which the room "
+    "rules could otherwise only undo",
+    soft=True,
+)
 # The outbound proxy.
 PLAIN_HTTP = Reason(
     "plain_http", 403, _FORBIDDEN, "an absolute-form plain-HTTP proxy request (HTTPS only)"

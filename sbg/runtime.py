@@ -25,6 +25,7 @@ from sbg.config.model import Config, InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
 from sbg.http.upstream_pool import UpstreamPool, UpstreamPools
+from sbg.joins import PreparedJoins
 from sbg.killswitch.switch import KillSwitch
 from sbg.metrics import Metrics
 from sbg.policy.snapshot import Policy
@@ -136,6 +137,9 @@ class Runtime:
         self.rate_limiter = RateLimiter(reactor.seconds)
         # Fetched signing keys outlive policy snapshots (contract 5.2).
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
+        # The joins the internal homeservers prepared (make_join answered),
+        # shared by the workers of this node through state_dir.
+        self.prepared_joins = PreparedJoins(snapshot.policy.config.state_dir, clock=reactor.seconds)
 
     @property
     def policy(self) -> Policy:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.config.load import key_path, load_config, parse_config_text
-from sbg.config.model import Config, HostPattern
+from sbg.config.model import Config, HostPattern, RoomSettings
 from sbg.config.units import format_duration, format_size, parse_duration, parse_size
 from sbg.errors import ConfigErrors
 from testbed.configtools import (
@@ -223,6 +223,87 @@ class UnknownKeyTests(ConfigTestCase):
         lines = self.problems_of(path)
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].startswith("log_level: duplicate key"), lines)
+
+
+class RoomSettingsTests(ConfigTestCase):
+    """Each trust level's `rooms:` block (the room rules of contract section 13)."""
+
+    def test_absent_is_the_v1_profile(self) -> None:
+        levels = {t.name: t for t in self.load().trust_levels}
+        for level in levels.values():
+            self.assertEqual(level.rooms, RoomSettings("open_rooms", False, 0))
+        self.assertEqual(RoomSettings(), RoomSettings("open_rooms", False, 0))
+
+    def test_null_and_empty_are_the_v1_profile(self) -> None:
+        for value in (None, {}):
+            config = self.load({"trust_levels.partner.rooms": value})
+            levels = {t.name: t for t in config.trust_levels}
+            self.assertEqual(levels["partner"].rooms, RoomSettings())
+
+    def test_a_v2_profile(self) -> None:
+        config = self.load(
+            {
+                "trust_levels.partner.rooms": {
+                    "invite": "private_rooms",
+                    "join_public": True,
+                    "max_power_level": 50,
+                }
+            }
+        )
+        levels = {t.name: t for t in config.trust_levels}
+        self.assertEqual(levels["partner"].rooms, RoomSettings("private_rooms", True, 50))
+        self.assertEqual(levels["external"].rooms, RoomSettings())
+
+    def test_every_invite_value(self) -> None:
+        for value in ("open_rooms", "private_rooms", "none"):
+            config = self.load({"trust_levels.external.rooms.invite": value})
+            levels = {t.name: t for t in config.trust_levels}
+            self.assertEqual(levels["external"].rooms.invite, value)
+
+    def test_bad_values_have_their_key_path(self) -> None:
+        cases: list[tuple[str, object, str]] = [
+            ("invite", "everyone", "must be one of open_rooms | private_rooms | none"),
+            ("invite", 3, "must be a string"),
+            ("join_public", "yes", "must be true or false"),
+            ("max_power_level", "50", "must be an integer"),
+            ("max_power_level", 100, "must be between 0 and 99, not 100"),
+            ("max_power_level", -1, "must be between 0 and 99, not -1"),
+            ("max_power_level", True, "must be an integer"),
+        ]
+        for key, value, fragment in cases:
+            path = f"trust_levels.partner.rooms.{key}"
+            self.assertProblem({path: value}, path, fragment)
+
+    def test_rooms_must_be_a_mapping(self) -> None:
+        self.assertProblem(
+            {"trust_levels.external.rooms": ["open_rooms"]},
+            "trust_levels.external.rooms",
+            "must be a mapping, not a list",
+        )
+
+    def test_unknown_key(self) -> None:
+        self.assertProblem(
+            {"trust_levels.external.rooms.max_powerlevel": 1},
+            "trust_levels.external.rooms.max_powerlevel",
+            "did you mean max_power_level?",
+        )
+
+    def test_every_problem_of_the_block_is_reported(self) -> None:
+        lines = self.problems(
+            {
+                "trust_levels.external.rooms.invite": "all",
+                "trust_levels.external.rooms.join_public": 1,
+                "trust_levels.partner.rooms.max_power_level": 1000,
+            }
+        )
+        self.assertEqual(
+            sorted(line.split(": ")[0] for line in lines),
+            [
+                "trust_levels.external.rooms.invite",
+                "trust_levels.external.rooms.join_public",
+                "trust_levels.partner.rooms.max_power_level",
+            ],
+        )
 
 
 class SizeAndDurationTests(ConfigTestCase):

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sbg.commands.check_config import run
 from sbg.config import load
 from sbg.config.load import load_config
+from sbg.config.model import RoomSettings
 from sbg.errors import ConfigErrors
 from sbg.matrix.groups import GROUPS
 
@@ -82,6 +83,17 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(levels["partner"].inbound, V1 | DISCOVERY)
         self.assertEqual(levels["partner"].outbound, V1 | DISCOVERY)
         self.assertLessEqual(V1 | DISCOVERY, GROUPS)
+
+    def test_room_profiles(self) -> None:
+        """`external` shows the V1 profile (the defaults), `partner` a V2 one."""
+        config = load_config(SAMPLE, skip_files=True)
+        levels = {t.name: t for t in config.trust_levels}
+        self.assertEqual(levels["external"].rooms, RoomSettings())
+        self.assertEqual(levels["external"].rooms, RoomSettings("open_rooms", False, 0))
+        self.assertEqual(levels["partner"].rooms, RoomSettings("private_rooms", True, 50))
+        with open(SAMPLE, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(text.count("rooms:\n"), 2)
 
     def test_every_key_is_documented(self) -> None:
         with open(SAMPLE, encoding="utf-8") as f:

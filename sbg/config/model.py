@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ListenerType = Literal["inbound", "outbound", "admin"]
+RoomInvite = Literal["open_rooms", "private_rooms", "none"]
 Mode = Literal["enforce", "monitor"]
 Direction = Literal["inbound", "outbound"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -143,6 +144,23 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RoomSettings:
+    """What the users of a trust level's servers may do in rooms (contract 13).
+
+    The defaults are the V1 profile: invited into open rooms only, never in
+    a public room, never above power level 0.
+    """
+
+    # open_rooms: `unrestricted` or `direct` rooms that are not public;
+    # private_rooms: any room that is not public; none: never invited.
+    invite: RoomInvite = "open_rooms"
+    # May join public rooms (ours, and internal users may join theirs).
+    join_public: bool = False
+    # The highest power level its users may hold in a room.
+    max_power_level: int = 0
+
+
+@dataclass(frozen=True)
 class TrustLevel:
     """A `trust_levels` entry: the endpoint groups that cross the border, per direction."""
 
@@ -153,6 +171,8 @@ class TrustLevel:
     mode: Mode | None = None
     # Inbound requests per origin server; None: unlimited.
     rate_limit: RateLimit | None = None
+    # Room rules of the Synapse module (sbg.synapse.RoomRules).
+    rooms: RoomSettings = RoomSettings()
 
 
 @dataclass(frozen=True)

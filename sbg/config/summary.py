@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable
 
-from sbg.config.model import Config, HostPattern, Listener
+from sbg.config.model import Config, HostPattern, Listener, RoomSettings
 from sbg.config.units import format_duration, format_size
 from sbg.hosts import format_authority
 from sbg.matrix.groups import GROUPS
@@ -21,6 +21,19 @@ def _groups(groups: frozenset[str]) -> str:
     if groups == GROUPS:
         return "every group"
     return ", ".join(sorted(groups))
+
+
+_INVITES = {
+    "open_rooms": "invited into open rooms",
+    "private_rooms": "invited into any non-public room",
+    "none": "never invited",
+}
+
+
+def _rooms(rooms: RoomSettings) -> str:
+    public = "joins public rooms" if rooms.join_public else "no public rooms"
+    level = f"power level <= {rooms.max_power_level}"
+    return f"    rooms:    {_INVITES[rooms.invite]}, {public}, {level}"
 
 
 def _wrap(line: str) -> list[str]:
@@ -72,6 +85,7 @@ def format_summary(config: Config) -> str:
             lines.append("    outbound: the same")
         else:
             lines += _wrap(f"    outbound: {_groups(level.outbound)}")
+        lines += _wrap(_rooms(level.rooms))
 
     inbound, outbound = config.inbound, config.outbound
     lines.append(

@@ -15,7 +15,12 @@ from sbg.config.reader import (
 from sbg.matrix.groups import GROUPS
 
 MODES = ("enforce", "monitor")
-_TRUST_LEVEL_KEYS = ("inbound", "outbound", "mode", "rate_limit")
+_TRUST_LEVEL_KEYS = ("inbound", "outbound", "mode", "rate_limit", "rooms")
+_ROOMS_KEYS = ("invite", "join_public", "max_power_level")
+ROOM_INVITES = ("open_rooms", "private_rooms", "none")
+# A local room administrator (power level 100) can lower only the levels
+# below its own: at 100 an external user could no longer be corrected.
+MAX_EXTERNAL_POWER_LEVEL = 99
 
 
 class TrustReader(BaseReader):
@@ -47,9 +52,31 @@ class TrustReader(BaseReader):
                     outbound=self.groups(m, "outbound", path),
                     mode=cast(model.Mode | None, level_mode),
                     rate_limit=self.rate_limit(m.get("rate_limit"), key_path(path, "rate_limit")),
+                    rooms=self.room_settings(m.get("rooms"), key_path(path, "rooms")),
                 )
             )
         return tuple(result)
+
+    def room_settings(self, value: object, path: str) -> model.RoomSettings:
+        """A trust level's `rooms:` block; absent or null: the V1 profile."""
+        d = model.RoomSettings()
+        m = self.mapping(value, path, _ROOMS_KEYS)
+        if m is None:
+            return d
+        invite = self.choice(m, "invite", path, ROOM_INVITES, d.invite)
+        max_level = self.integer(
+            m,
+            "max_power_level",
+            path,
+            default=d.max_power_level,
+            minimum=0,
+            maximum=MAX_EXTERNAL_POWER_LEVEL,
+        )
+        return model.RoomSettings(
+            invite=cast(model.RoomInvite, invite),
+            join_public=self.boolean(m, "join_public", path, d.join_public),
+            max_power_level=d.max_power_level if max_level is None else max_level,
+        )
 
     def groups(self, m: Mapping[str, object], key: str, path: str) -> frozenset[str]:
         result = set()

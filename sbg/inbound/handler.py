@@ -29,6 +29,7 @@ from sbg.policy.inbound import (
     decide_trust,
     parse_body,
 )
+from sbg.policy.joins import decide_send_join, joining_key, prepared_key
 from sbg.policy.snapshot import Policy
 from sbg.reasons import Direction, Refusal
 from sbg.runtime import Runtime
@@ -158,6 +159,13 @@ class InboundHandler(Pipeline):
             if level is not None and level.rate_limit is not None:
                 wait = self._rt.rate_limiter.take("origin:" + origin.server_name, level.rate_limit)
         self.apply(ctx, decide_trust(policy, head, content, wait))
+        assert head.match is not None
+        endpoint, params = head.match.endpoint.name, head.match.params
+        origin_name = origin.server_name if origin is not None else None
+        joining = joining_key(endpoint, params, origin_name, content)
+        if joining is not None:
+            prepared = self._rt.prepared_joins.prepared(joining)
+            self.apply(ctx, decide_send_join(policy.mode(origin) == "monitor", joining, prepared))
         self.allow(ctx)
         _client, xff = self._forwarded_for(request)
         for name in UNTRUSTED_FORWARDING:
@@ -174,6 +182,9 @@ class InboundHandler(Pipeline):
                 idle_timeout=settings.idle_timeout,
             )
         ctx.record_result(result)
+        prepared_join = prepared_key(endpoint, params, origin_name, result.status)
+        if prepared_join is not None:
+            self._rt.prepared_joins.record(prepared_join)
 
     async def _check_body(
         self, request: BorderRequest, head: Head, keys: Mapping[str, VerifyKey]

@@ -5,6 +5,7 @@ every wait has a deadline.
 """
 
 import datetime
+import os
 import threading
 import time
 from collections import Counter
@@ -14,9 +15,38 @@ from typing import Any
 
 from sbg.matrix.endpoints import match_target
 from sbg.reasons import Refusal
-from testbed.e2e.matrix_client import MatrixClient
+from testbed.e2e.matrix_client import MatrixClient, wait_until
 
 Record = dict[str, Any]
+
+
+# ---------------------------------------------------------------- the room rules' log
+
+
+class ModuleLog:
+    """The room rules' lines in hs-int's log."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return os.path.getsize(self.path)
+
+    def lines(self, since: int = 0) -> list[str]:
+        with open(self.path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+        return [line for line in text.splitlines() if "room rules:" in line]
+
+    def expect(self, since: int, *fragments: str, timeout: float = 10.0) -> str:
+        """The first module line since SINCE holding every fragment (waits)."""
+        return wait_until(
+            lambda: next(
+                (line for line in self.lines(since) if all(f in line for f in fragments)), None
+            ),
+            timeout,
+            f"a room rules log line with {fragments}",
+        )
 
 
 # ---------------------------------------------------------------- scenario steps

@@ -9,6 +9,12 @@ and SRV lookups and resolves the bare host through its own hosts file):
   127.0.0.10:3128; without sbg it serves TLS itself on 127.0.0.2:8448.
 - ``hs-ext.test:8448``: trusted external, client 127.0.0.3:8008, TLS 127.0.0.3:8448.
 - ``hs-evil.test:8448``: not configured in sbg, client 127.0.0.4:8008, TLS 127.0.0.4:8448.
+- ``hs-partner.test:8448``: a second trusted external server, at the V2 trust
+  level ``partner``; client 127.0.0.5:8008, TLS 127.0.0.5:8448.
+
+Behind sbg, hs-int runs the room rules module (``sbg.synapse.RoomRules``,
+reading sbg's own sbg.yaml) unless the cluster is made with
+``room_rules=False``; its metrics listener is 127.0.0.2:9101.
 
 Each Synapse runs in its own mount namespace with its own /etc/hosts and
 /etc/resolv.conf (``unshare -m``; the machine's files are never touched), with
@@ -89,7 +95,18 @@ class HomeserverSpec:
 HS_INT = HomeserverSpec(key="hs-int", host="hs-int.test", address=f"{E2E_NET}.2", ca="internal")
 HS_EXT = HomeserverSpec(key="hs-ext", host="hs-ext.test", address=f"{E2E_NET}.3", ca="external")
 HS_EVIL = HomeserverSpec(key="hs-evil", host="hs-evil.test", address=f"{E2E_NET}.4", ca="evil")
-ALL_HOMESERVERS = (HS_INT, HS_EXT, HS_EVIL)
+HS_PARTNER = HomeserverSpec(
+    key="hs-partner", host="hs-partner.test", address=f"{E2E_NET}.5", ca="external"
+)
+ALL_HOMESERVERS = (HS_INT, HS_EXT, HS_EVIL, HS_PARTNER)
+# The external servers sbg trusts, with their trust level.
+TRUSTED_EXTERNALS = {HS_EXT.key: "external", HS_PARTNER.key: "partner"}
+METRICS_PORT = 9101
+# The room settings of the partner level (V2); "external" keeps the defaults (V1).
+PARTNER_ROOMS = {"invite": "private_rooms", "join_public": True, "max_power_level": 50}
+# Groups only the partner level has (room discovery and knocking), and the
+# knocks hs-ext may send so that the room rules, not the groups, refuse them.
+PARTNER_GROUPS = ["public_rooms", "queries_directory", "hierarchy", "knocks"]
 TEST_CAS = ("internal", "external", "evil")
 
 
@@ -137,6 +154,22 @@ def hosts_file_text(mapping: Mapping[str, str]) -> str:
 RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
+def room_rules_config(sbg_yaml: str | None) -> dict[str, Any]:
+    """homeserver.yaml keys loading the room rules module (none without SBG_YAML)."""
+    if sbg_yaml is None:
+        return {}
+    return {"modules": [{"module": "sbg.synapse.RoomRules", "config": {"sbg_config": sbg_yaml}}]}
+
+
+def synapse_environment(room_rules: bool) -> dict[str, str]:
+    """A test homeserver's environment; with the room rules, sbg is importable
+    (this checkout first on PYTHONPATH; sbg's own dependencies are Synapse's)."""
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    if room_rules:
+        env["PYTHONPATH"] = REPO
+    return env
+
+
 def homeserver_config(
     spec: HomeserverSpec,
     directory: str,
@@ -149,6 +182,7 @@ def homeserver_config(
     serve_tls_federation: bool,
     serve_plain_federation: bool,
     extra: Mapping[str, Any] | None = None,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """The homeserver.yaml contents for SPEC (a dict, dumped by the caller)."""
     listeners: list[dict[str, Any]] = [
@@ -182,6 +216,10 @@ def homeserver_config(
                 "resources": [{"names": ["federation"], "compress": False}],
             }
         )
+    if metrics_port is not None:
+        listeners.append(
+            {"port": metrics_port, "bind_addresses": [spec.address], "type": "metrics"}
+        )
     relaxed = {"per_second": 1000, "burst_count": 1000}
     config: dict[str, Any] = {
         "server_name": spec.server_name,
@@ -202,7 +240,7 @@ def homeserver_config(
         "macaroon_secret_key": secrets.token_hex(16),
         "form_secret": secrets.token_hex(16),
         "report_stats": False,
-        "enable_metrics": False,
+        "enable_metrics": metrics_port is not None,
         "allow_public_rooms_over_federation": True,
         "room_list_publication_rules": [{"action": "allow"}],
         "presence": {"enabled": False},
@@ -254,8 +292,11 @@ class Homeserver:
         behind_sbg: bool = False,
         https_proxy: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        room_rules: str | None = None,
     ) -> None:
+        """ROOM_RULES: the sbg.yaml the room rules module reads (None: no module)."""
         self.spec = spec
+        self.room_rules = room_rules
         self.behind_sbg = behind_sbg
         self.directory = os.path.join(run_dir, spec.key)
         os.makedirs(self.directory, exist_ok=True)
@@ -279,7 +320,8 @@ class Homeserver:
             https_proxy=https_proxy,
             serve_tls_federation=not behind_sbg,
             serve_plain_federation=behind_sbg,
-            extra=extra_config,
+            extra={**room_rules_config(room_rules), **(extra_config or {})},
+            metrics_port=METRICS_PORT if room_rules else None,
         )
         with open(self.config_path, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
@@ -294,7 +336,7 @@ class Homeserver:
             spec.key,
             argv,
             stdout_path=self.log_path,
-            env=clean_environment({"PYTHONDONTWRITEBYTECODE": "1"}),
+            env=clean_environment(synapse_environment(room_rules is not None)),
             cwd=self.directory,
         )
 
@@ -315,6 +357,10 @@ class Homeserver:
     @property
     def client_url(self) -> str:
         return self.spec.client_url
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.spec.address}:{METRICS_PORT}/_synapse/metrics"
 
     def user_id(self, localpart: str) -> str:
         return f"@{localpart}:{self.server_name}"
@@ -358,6 +404,18 @@ class Homeserver:
 # ---------------------------------------------------------------- sbg
 
 
+@dataclass(frozen=True)
+class ExternalServer:
+    """One external homeserver as sbg's config lists it."""
+
+    server_name: str
+    host: str
+    address: str  # "ip:port" its federation host resolves to (``addresses``)
+    verify_keys: Mapping[str, str]
+    ca: str  # the CA file its TLS is pinned to (``tls_ca``)
+    trust_level: str = "external"
+
+
 def sbg_config(
     sbg_dir: str,
     *,
@@ -365,11 +423,7 @@ def sbg_config(
     internal_host: str,
     internal_upstream: str,
     internal_tls: CertFiles,
-    external_server_name: str,
-    external_host: str,
-    external_address: str,
-    external_verify_keys: Mapping[str, str],
-    external_ca: str,
+    externals: Iterable[ExternalServer],
     ca: CertFiles,
     groups: Iterable[str] = SCENARIO_GROUPS,
     admin_token_file: str | None = None,
@@ -377,17 +431,31 @@ def sbg_config(
 ) -> dict[str, Any]:
     """The sbg.yaml (contract section 3) for the phase-2 topology, as a dict.
 
-    ``external_address`` is the "ip:port" the external server's federation
-    host resolves to (``addresses``). Paths are written relative to SBG_DIR
-    where they lie inside it, absolute otherwise.
+    Two trust levels: ``external`` (GROUPS, plus knocks, and the V1 room
+    profile: the defaults) and ``partner`` (GROUPS plus room discovery and
+    knocks, and the V2 room profile PARTNER_ROOMS). Paths are written
+    relative to SBG_DIR where they lie inside it, absolute otherwise.
     """
 
     def rel(path: str) -> str:
         r = os.path.relpath(path, sbg_dir)
         return path if r.startswith("..") else r
 
+    def external(ext: ExternalServer) -> dict[str, Any]:
+        port = ext.server_name.rsplit(":", 1)[1] if ":" in ext.server_name else "8448"
+        return {
+            "server_name": ext.server_name,
+            "federation_hosts": [ext.host],
+            "verify_keys": dict(ext.verify_keys),
+            "key_fetch": "pinned",
+            "tls_ca": rel(ext.ca),
+            "addresses": {f"{ext.host}:{port}": ext.address},
+            "trust_level": ext.trust_level,
+        }
+
     group_list = list(groups)
-    port = external_server_name.rsplit(":", 1)[1] if ":" in external_server_name else "8448"
+    v1_groups = [*group_list, *(["knocks"] if "knocks" not in group_list else [])]
+    v2_groups = group_list + [g for g in PARTNER_GROUPS if g not in group_list]
     config: dict[str, Any] = {
         "listeners": [
             {
@@ -418,18 +486,15 @@ def sbg_config(
                 },
             }
         ],
-        "external_homeservers": [
-            {
-                "server_name": external_server_name,
-                "federation_hosts": [external_host],
-                "verify_keys": dict(external_verify_keys),
-                "key_fetch": "pinned",
-                "tls_ca": rel(external_ca),
-                "addresses": {f"{external_host}:{port}": external_address},
-                "trust_level": "external",
-            }
-        ],
-        "trust_levels": {"external": {"inbound": group_list, "outbound": list(group_list)}},
+        "external_homeservers": [external(ext) for ext in externals],
+        "trust_levels": {
+            "external": {"inbound": v1_groups, "outbound": list(v1_groups)},
+            "partner": {
+                "inbound": v2_groups,
+                "outbound": list(v2_groups),
+                "rooms": dict(PARTNER_ROOMS),
+            },
+        },
     }
     config.update(extra or {})
     return config
@@ -641,6 +706,7 @@ class Cluster:
         hosts_overrides: Mapping[str, Mapping[str, str]] | None = None,
         extra_config: Mapping[str, Mapping[str, Any]] | None = None,
         trust: Mapping[str, Iterable[str]] | None = None,
+        room_rules: bool | None = None,
     ) -> None:
         """Write every file of the run (nothing starts yet).
 
@@ -656,6 +722,9 @@ class Cluster:
             trust: per homeserver key, the test CAs (names from TEST_CAS) its
                 ``federation_custom_ca_list`` holds; default all of them (the
                 internal homeserver behind sbg: only sbg's interception CA).
+            room_rules: hs-int runs the room rules module, reading sbg.yaml
+                (default: behind sbg; sbg.yaml must then be written, by
+                ``write_sbg``, before hs-int starts).
         """
         started = time.monotonic()
         self.run_dir = os.path.abspath(run_dir)
@@ -668,6 +737,7 @@ class Cluster:
             name: make_ca(pki_dir, f"sbg e2e {name} test CA", f"{name}-ca") for name in TEST_CAS
         }
         self.sbg_dir = os.path.join(self.run_dir, "sbg")
+        self.sbg_config_path = os.path.join(self.sbg_dir, "sbg.yaml")
         self.sbg_ca: CertFiles | None = None
         if behind_sbg:
             # The interception CA sbg will use (outbound.ca); hs-int trusts only it.
@@ -693,6 +763,7 @@ class Cluster:
                 ca_files = [self.cas[name].certificate for name in trust[spec.key]]
             hosts = self.default_hosts(spec, specs)
             hosts.update((hosts_overrides or {}).get(spec.key, {}))
+            with_rules = (behind_sbg if room_rules is None else room_rules) and spec is HS_INT
             self.homeservers[spec.key] = Homeserver(
                 spec,
                 self.run_dir,
@@ -702,6 +773,7 @@ class Cluster:
                 behind_sbg=internal_behind,
                 https_proxy=proxy,
                 extra_config=(extra_config or {}).get(spec.key),
+                room_rules=self.sbg_config_path if with_rules else None,
             )
         self.sbg: Sbg | None = None
         self.timings.prepare = time.monotonic() - started
@@ -770,7 +842,8 @@ class Cluster:
         groups: Iterable[str] = SCENARIO_GROUPS,
         extra: Mapping[str, Any] | None = None,
     ) -> Sbg:
-        """Write sbg.yaml for this topology (hs-int internal, hs-ext external).
+        """Write sbg.yaml for this topology (hs-int internal; hs-ext, and
+        hs-partner when it runs, external).
 
         Copies hs-int's TLS pair to ``tls/`` and the external test CA to
         ``pins/`` inside the sbg directory and writes a fresh admin bearer
@@ -779,7 +852,7 @@ class Cluster:
         """
         if not self.behind_sbg or self.sbg_ca is None:
             raise ValueError("write_sbg needs a Cluster(behind_sbg=True)")
-        internal, external = self.homeservers[HS_INT.key], self.homeservers[HS_EXT.key]
+        internal = self.homeservers[HS_INT.key]
         tls_dir = os.path.join(self.sbg_dir, "tls")
         pins_dir = os.path.join(self.sbg_dir, "pins")
         os.makedirs(tls_dir, exist_ok=True)
@@ -796,6 +869,18 @@ class Cluster:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(16) + "\n")
+        externals = [
+            ExternalServer(
+                server_name=hs.server_name,
+                host=hs.spec.host,
+                address=f"{hs.spec.address}:{hs.spec.federation_port}",
+                verify_keys={hs.verify_key_id: hs.verify_key_base64},
+                ca=external_ca,
+                trust_level=TRUSTED_EXTERNALS[key],
+            )
+            for key, hs in self.homeservers.items()
+            if key in TRUSTED_EXTERNALS
+        ]
         config = sbg_config(
             self.sbg_dir,
             internal_server_name=internal.server_name,
@@ -804,11 +889,7 @@ class Cluster:
                 f"http://{internal.spec.address}:{internal.spec.plain_federation_port}"
             ),
             internal_tls=tls,
-            external_server_name=external.server_name,
-            external_host=external.spec.host,
-            external_address=f"{external.spec.address}:{external.spec.federation_port}",
-            external_verify_keys={external.verify_key_id: external.verify_key_base64},
-            external_ca=external_ca,
+            externals=externals,
             ca=self.sbg_ca,
             groups=groups,
             admin_token_file=token_file,
@@ -839,8 +920,10 @@ def start_cluster(
     cluster = Cluster(run_dir, behind_sbg=behind_sbg, **kwargs)
     test.addCleanup(_stop_and_report, cluster)
     try:
-        if behind_sbg and start_sbg is not False:
-            cluster.write_sbg(sbg_groups, sbg_extra).start()
+        if behind_sbg:
+            sbg = cluster.write_sbg(sbg_groups, sbg_extra)
+            if start_sbg is not False:
+                sbg.start()
         cluster.start()
     except ProcessError:
         raise

@@ -193,8 +193,19 @@ class MatrixClient:
         alias_localpart: str | None = None,
         public: bool = False,
         extra: dict[str, Any] | None = None,
+        access_rule: str | None = None,
     ) -> str:
+        """POST /createRoom; ACCESS_RULE sets the room's class (Tchap's
+        im.vector.room.access_rules: restricted, unrestricted or direct)."""
         body: dict[str, Any] = {"preset": preset, "visibility": "public" if public else "private"}
+        if access_rule is not None:
+            body["initial_state"] = [
+                {
+                    "type": "im.vector.room.access_rules",
+                    "state_key": "",
+                    "content": {"rule": access_rule},
+                }
+            ]
         if invite:
             body["invite"] = invite
         if name:
@@ -211,6 +222,53 @@ class MatrixClient:
         params = {"server_name": via} if via else None
         answer = self._c("POST", f"/join/{q(room_id_or_alias)}", {}, params=params)
         return str(answer["room_id"])
+
+    def knock(self, room_id_or_alias: str, via: list[str] | None = None) -> str:
+        params = {"via": via} if via else None
+        answer = self._c("POST", f"/knock/{q(room_id_or_alias)}", {}, params=params)
+        return str(answer["room_id"])
+
+    def invite_3pid(
+        self, room_id: str, address: str, id_server: str, id_access_token: str = "token"
+    ) -> None:
+        """Invite an email address (a third-party invite through ID_SERVER)."""
+        self._c(
+            "POST",
+            f"/rooms/{q(room_id)}/invite",
+            {
+                "medium": "email",
+                "address": address,
+                "id_server": id_server,
+                "id_access_token": id_access_token,
+            },
+        )
+
+    def redact(self, room_id: str, event_id: str, reason: str = "") -> str:
+        txn = f"e2e{time.time_ns()}.{next(self._txn)}"
+        body = {"reason": reason} if reason else {}
+        answer = self._c("PUT", f"/rooms/{q(room_id)}/redact/{q(event_id)}/{txn}", body)
+        return str(answer["event_id"])
+
+    def state(self, room_id: str) -> list[Any]:
+        """Every current state event of the room (with event ids)."""
+        return list(self._c("GET", f"/rooms/{q(room_id)}/state"))
+
+    def state_content(self, room_id: str, event_type: str, state_key: str = "") -> Any:
+        """The content of one state event; None when there is none."""
+        try:
+            return self._c("GET", f"/rooms/{q(room_id)}/state/{q(event_type)}/{q(state_key)}")
+        except MatrixError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def membership(self, room_id: str, user_id: str) -> str | None:
+        content = self.state_content(room_id, "m.room.member", user_id)
+        return None if content is None else str(content.get("membership"))
+
+    def set_room_visibility(self, room_id: str, visibility: str) -> None:
+        """Publish (public) or unpublish (private) the room in the room directory."""
+        self._c("PUT", f"/directory/list/room/{q(room_id)}", {"visibility": visibility})
 
     def leave(self, room_id: str) -> None:
         self._c("POST", f"/rooms/{q(room_id)}/leave", {})

@@ -115,7 +115,10 @@ class TrustedFederationTests(BorderTestCase):
         bob = hs_ext.register("bob")
 
         with scenario(cluster, "1 (private room, invite to hs-ext, join)"):
-            room = alice.create_room(preset="private_chat", name="across the border")
+            # Open to external users (room rules R1: a restricted room is not).
+            room = alice.create_room(
+                preset="private_chat", name="across the border", access_rule="unrestricted"
+            )
             invite_state = invite_and_join(alice, bob, room, hs_int.server_name)
             inviters = [
                 e["state_key"] for e in invite_state["events"] if e["type"] == "m.room.member"
@@ -236,7 +239,7 @@ class TrustedFederationTests(BorderTestCase):
             invite_and_join(alice, bob, room, hs_int.server_name)
             # Rejecting an invite: hs-ext leaves through make_leave/send_leave.
             mark = audit.mark()
-            other = alice.create_room(preset="private_chat")
+            other = alice.create_room(preset="private_chat", access_rule="unrestricted")
             bob.sync()
             alice.invite(other, bob.user_id)
             bob.wait_for_invite(other)
@@ -350,7 +353,7 @@ class KillSwitchAndRestartTests(BorderTestCase):
         alice, bob = hs_int.register("alice"), hs_ext.register("bob")
 
         with scenario(cluster, "1 (setup: invite, join, one message each way)"):
-            room = alice.create_room(preset="private_chat")
+            room = alice.create_room(preset="private_chat", access_rule="unrestricted")
             invite_and_join(alice, bob, room, hs_int.server_name)
             send_concurrently(room, [(alice, ["warm-up a"]), (bob, ["warm-up b"])])
             wait_deliveries(
