@@ -1,4 +1,5 @@
-"""The admin listener: `/health`, `/metrics` and the kill-switch API.
+"""The admin listener: `/health`, `/metrics`, the kill-switch API and, on
+a node of a cluster, `/_sbg/cluster`.
 
 `/_sbg/*` needs the bearer token from `admin_token_file` when one is set;
 `/health` and `/metrics` stay open (bind the listener to loopback or a
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import Request
 
-from sbg.killswitch.switch import KillSwitch, KillSwitchPersistError
+from sbg.killswitch.control import Outcome, SwitchControl
 from sbg.policy.snapshot import Policy
 
 logger = logging.getLogger(__name__)
@@ -108,13 +110,13 @@ class KillSwitchResource(resource.Resource):
 
     def __init__(
         self,
-        killswitch: KillSwitch,
+        control: SwitchControl,
         policy: Callable[[], Policy],
         token: Callable[[], str | None],
         engage: bool,
     ) -> None:
         super().__init__()
-        self._ks = killswitch
+        self._control = control
         self._policy = policy
         self._token = token
         self._engage = engage
@@ -122,9 +124,9 @@ class KillSwitchResource(resource.Resource):
     def render_GET(self, request: Request) -> bytes:
         if not authorised(request, self._token()):
             return _error(request, 401, "M_UNAUTHORIZED", "admin token required")
-        return _json(request, 200, self._ks.as_json())
+        return _json(request, 200, self._control.state())
 
-    def render_POST(self, request: Request) -> bytes:
+    def render_POST(self, request: Request) -> bytes | int:
         if not authorised(request, self._token()):
             return _error(request, 401, "M_UNAUTHORIZED", "admin token required")
         raw = request.content.read() if request.content is not None else b""
@@ -135,35 +137,52 @@ class KillSwitchResource(resource.Resource):
         # A switch left engaged for a server since removed from the
         # configuration can still be lifted.
         known = server_name in self._policy().external_by_name or (
-            not self._engage and any(s == server_name for s, _d in self._ks.engaged)
+            not self._engage and any(s == server_name for s, _d in self._control.killswitch.engaged)
         )
         if server_name is not None and not known:
             return _error(request, 404, "M_NOT_FOUND", f"no external server {server_name}")
         who = str(getattr(request.getClientAddress(), "host", "-"))
         what = f"server={server_name or '(global)'} direction={direction}"
         if self._engage:
-            persisted = self._ks.engage(server_name, direction, reason=reason, by=who)
-            logger.warning("kill switch engaged by %s: %s reason=%r", who, what, reason)
-            if not persisted:
-                return _error(
-                    request,
-                    500,
-                    "M_UNKNOWN",
-                    "the switch is engaged but not persisted: it would not survive a restart "
-                    f"(cannot write {self._ks.path})",
-                )
+            done = self._control.engage(server_name, direction, reason, who)
         else:
-            try:
-                self._ks.lift(server_name, direction)
-            except KillSwitchPersistError as e:
-                return _error(
-                    request,
-                    500,
-                    "M_UNKNOWN",
-                    f"cannot persist the kill-switch state ({e}): nothing was lifted",
-                )
-            logger.warning("kill switch lifted by %s: %s", who, what)
-        return _json(request, 200, self._ks.as_json())
+            done = self._control.lift(server_name, direction, who)
+
+        def answer(outcome: Outcome) -> None:
+            if outcome.applied and self._engage:
+                logger.warning("kill switch engaged by %s: %s reason=%r", who, what, reason)
+            elif outcome.applied:
+                logger.warning("kill switch lifted by %s: %s", who, what)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(_json(request, outcome.status, outcome.body))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            logger.error("kill switch change failed: %s", failure.getTraceback())
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(_error(request, 500, "M_UNKNOWN", "internal error"))
+                request.finish()
+
+        done.addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
+
+
+class ClusterResource(resource.Resource):
+    """`GET /_sbg/cluster`: this node, Redis's reachability, the nodes seen."""
+
+    isLeaf = True
+
+    def __init__(
+        self, status: Callable[[], dict[str, Any]], token: Callable[[], str | None]
+    ) -> None:
+        super().__init__()
+        self._status = status
+        self._token = token
+
+    def render_GET(self, request: Request) -> bytes:
+        if not authorised(request, self._token()):
+            return _error(request, 401, "M_UNAUTHORIZED", "admin token required")
+        return _json(request, 200, self._status())
 
 
 class _AdminRequest(server.Request):
@@ -251,18 +270,23 @@ class AdminSite(server.Site):
 
 
 def admin_site(
-    killswitch: KillSwitch,
+    control: SwitchControl,
     policy: Callable[[], Policy],
     token: Callable[[], str | None],
     metrics: Callable[[], bytes],
     health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     reactor: Any = None,
+    cluster_status: Callable[[], dict[str, Any]] | None = None,
 ) -> AdminSite:
+    """The admin listener's site; `cluster_status` (a node of a cluster)
+    adds `GET /_sbg/cluster`."""
     root = resource.Resource()
     root.putChild(b"health", _Health(health or (lambda: (200, {"status": "ok"}))))
     root.putChild(b"metrics", _Metrics(metrics))
     sbg = resource.Resource()
-    sbg.putChild(b"kill", KillSwitchResource(killswitch, policy, token, engage=True))
-    sbg.putChild(b"unkill", KillSwitchResource(killswitch, policy, token, engage=False))
+    sbg.putChild(b"kill", KillSwitchResource(control, policy, token, engage=True))
+    sbg.putChild(b"unkill", KillSwitchResource(control, policy, token, engage=False))
+    if cluster_status is not None:
+        sbg.putChild(b"cluster", ClusterResource(cluster_status, token))
     root.putChild(b"_sbg", sbg)
     return AdminSite(root, reactor)

@@ -26,6 +26,7 @@ SUPERVISOR_FAMILIES = frozenset(
         "sbg_killswitch_engaged",
         "sbg_certificate_expiry_timestamp_seconds",
         "sbg_build_info",
+        "sbg_cluster_connected",
     }
 )
 # Counted both by the supervisor and by the workers (with other labels):
@@ -129,6 +130,13 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
+        # Exported only by a node of a cluster (`enable_cluster`): a node
+        # alone has no Redis to be connected to.
+        self.cluster_connected = Gauge(
+            "sbg_cluster_connected",
+            "1 while the cluster's Redis answers this node, 0 while it is unreachable.",
+            registry=None,
+        )
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         for direction in ("inbound", "outbound"):
             self.inflight.labels(direction)
@@ -145,6 +153,10 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self.requests.labels(*key)
         child.inc()
+
+    def enable_cluster(self) -> None:
+        """Export `sbg_cluster_connected` (a node with a `cluster` block)."""
+        self.registry.register(self.cluster_connected)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -87,6 +87,15 @@ METHOD_NOT_ALLOWED = Reason(
 )
 # Kill switch.
 KILLSWITCH = Reason("killswitch", 403, _FORBIDDEN, "a kill switch covers this request or tunnel")
+CLUSTER_UNREACHABLE = Reason(
+    "cluster_unreachable",
+    503,
+    "M_UNKNOWN",
+    "admin API: a kill-switch lift refused while the cluster's Redis is unreachable or did not "
+    "confirm it (lifting on one node only would split the border); nothing was lifted. Not "
+    "counted in `sbg_refusals_total`",
+    counted=False,
+)
 # Authentication.
 MISSING_AUTH = Reason(
     "missing_auth",

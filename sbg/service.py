@@ -39,6 +39,7 @@ from sbg import systemd
 from sbg.admin import admin_site
 from sbg.audit import AuditLog
 from sbg.certmetrics import update_certificate_expiry
+from sbg.cluster.wiring import control_for, health_for
 from sbg.config.load import load_config
 from sbg.config.model import Config, Listener
 from sbg.errors import ConfigErrors
@@ -46,6 +47,7 @@ from sbg.http.limits import LimitedFactory
 from sbg.http.pipeline import InflightTracker
 from sbg.http.site import BorderHTTPFactory
 from sbg.inbound.handler import InboundHandler
+from sbg.killswitch.control import LocalControl
 from sbg.killswitch.shared import SharedState
 from sbg.killswitch.state import Switch
 from sbg.killswitch.switch import KillSwitch
@@ -82,7 +84,12 @@ def tcp_server_endpoint(reactor: Any, listener: Listener, address: str) -> IStre
 
 
 # What a reload cannot change (name in the log, Config attribute).
-RESTART_ONLY = (("listener", "listeners"), ("state_dir", "state_dir"), ("workers", "workers"))
+RESTART_ONLY = (
+    ("listener", "listeners"),
+    ("state_dir", "state_dir"),
+    ("workers", "workers"),
+    ("cluster", "cluster"),
+)
 
 
 def install_signal_handlers(
@@ -157,6 +164,13 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.killswitch, tick = self._make_killswitch(config, killswitch_fd)
         self.killswitch.load()
+        # A worker follows its supervisor's switches: the supervisor holds
+        # the admin API and, with a cluster block, the link to Redis.
+        self.control, self.cluster = (
+            control_for(config, self.killswitch, reactor, self.metrics)
+            if adopted is None
+            else (LocalControl(self.killswitch), None)
+        )
         self._ks_poll = LoopingCall(tick)
         self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
@@ -167,6 +181,9 @@ class GatewayService(MultiService):
         self.outbound = OutboundState(self.runtime, self.tracker)
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
+        if self.cluster is not None:
+            # Redis's switches are in force before the first connection.
+            self.cluster.start()
         self._update_certificate_expiry(config)
         self._inbound_tls = inbound_tls
         self._ports: list[StreamServerEndpointService] = []
@@ -243,11 +260,13 @@ class GatewayService(MultiService):
         if listener.type == "outbound":
             return self._limited(OutboundProxyFactory(self.outbound), "outbound")
         return admin_site(
-            self.killswitch,
+            self.control,
             lambda: self.runtime.policy,
             lambda: self.runtime.policy.config.admin_token,
             self.metrics.render,
+            health=health_for(self.cluster),
             reactor=self.reactor,
+            cluster_status=self.cluster.status if self.cluster is not None else None,
         )
 
     def _limited(self, factory: Any, direction: str) -> LimitedFactory:
@@ -314,6 +333,8 @@ class GatewayService(MultiService):
         self.outbound.reconfigure()
         self.config = new
         self._update_certificate_expiry(new)
+        if self.cluster is not None:
+            self.cluster.reconfigured(new.sha256)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)
         self.metrics.config_reloads.labels("success").inc()
@@ -354,6 +375,8 @@ class GatewayService(MultiService):
         """Stop listening, cut the tunnels, close the upstream connections."""
         if self._ks_poll.running:
             self._ks_poll.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()
         closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]

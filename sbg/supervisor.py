@@ -6,9 +6,11 @@ sbg.worker`) that inherit them: the kernel hands each new connection to
 one of the workers. Each worker is a whole `GatewayService` on the adopted
 sockets; the supervisor keeps what must be one for all of them:
 
-- the admin listener: the kill switch is written to `state_dir` before the
-  admin call returns, and every worker checks the file (one `stat`) before
-  each decision, so a switch holds for the next request in every process;
+- the admin listener and the kill switch: a change is published in memory
+  the workers share before the admin call returns, and every worker reads
+  it before each decision, so a switch holds for the next request in every
+  process; with a `cluster` block, the supervisor is also the process that
+  follows and writes the switches in Redis (`sbg.cluster`);
 - `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR`
   (`state_dir/metrics`, emptied at start) and the supervisor sums them;
 - signals: SIGHUP is checked here first (an invalid file is refused once,
@@ -46,6 +48,7 @@ from twisted.python.failure import Failure
 from sbg import systemd
 from sbg.admin import admin_site
 from sbg.certmetrics import update_certificate_expiry
+from sbg.cluster.wiring import control_for, health_for
 from sbg.config.model import Config
 from sbg.killswitch.shared import SharedState
 from sbg.killswitch.state import Switch
@@ -174,10 +177,14 @@ class SupervisorService(MultiService):
             config.state_dir, shared=self.shared, on_problem=lambda kind: count.labels(kind).inc()
         )
         self.killswitch.load()
+        self.control, self.cluster = control_for(config, self.killswitch, reactor, self.metrics)
         self._ks_check = LoopingCall(self.killswitch.check_file)
         self._ks_check.clock = reactor
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
+        if self.cluster is not None:
+            # Redis's switches are in force (and shared) before any worker starts.
+            self.cluster.start()
         self.policy = Policy.build(config)
         update_certificate_expiry(config, self.metrics)
         self._started = config
@@ -189,11 +196,13 @@ class SupervisorService(MultiService):
         self._collector: WorkersCollector | None = None
         self._admin_ports: list[StreamServerEndpointService] = []
         site = admin_site(
-            self.killswitch,
+            self.control,
             lambda: self.policy,
             lambda: self.policy.config.admin_token,
             self.render_metrics,
+            health=health_for(self.cluster),
             reactor=reactor,
+            cluster_status=self.cluster.status if self.cluster is not None else None,
         )
         for listener in config.listeners:
             if listener.type != "admin":
@@ -328,6 +337,8 @@ class SupervisorService(MultiService):
         self.policy = snapshot.policy
         new = self.config = snapshot.policy.config
         update_certificate_expiry(new, self.metrics)
+        if self.cluster is not None:
+            self.cluster.reconfigured(new.sha256)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)
         self._signal_workers(signal.SIGHUP)
@@ -374,6 +385,8 @@ class SupervisorService(MultiService):
         async def run() -> None:
             if self._ks_check.running:
                 self._ks_check.stop()
+            if self.cluster is not None:
+                self.cluster.stop()
             await self._stop_workers()
             await defer.maybeDeferred(super(SupervisorService, self).stopService)
             if self._metrics_dir is not None:

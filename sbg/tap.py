@@ -79,5 +79,7 @@ def makeService(options: usage.Options) -> IService:
         )
     except KillSwitchStateError as e:
         raise _fail([f"sbg: {e}"]) from None
+    except ImportError as e:
+        raise _fail([f"sbg: cluster: cannot import the Redis client library ({e})"]) from None
     except OSError as e:
         raise _fail([f"sbg: {e.filename or ''}: {e.strerror or e}"]) from None

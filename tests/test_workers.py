@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 from twisted.internet import defer
@@ -25,7 +23,9 @@ from tests.processes import (
     Process,
     Setup,
     alive,
+    each_worker,
     make_setup,
+    only,
     ready,
     run_gateway,
     sleep,
@@ -33,27 +33,6 @@ from tests.processes import (
     wait_until,
     worker_pids,
 )
-
-
-@asynccontextmanager
-async def only(pids: dict[int, int], index: int) -> AsyncIterator[None]:
-    """Only worker `index` accepts connections meanwhile (the others stopped)."""
-    stopped = [pid for i, pid in pids.items() if i != index]
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-
-
-async def each_worker(proc: Process, check: Callable[[int], Awaitable[None]]) -> None:
-    pids = worker_pids(proc)
-    assert len(pids) == WORKERS, proc.output()
-    for index in sorted(pids):
-        async with only(pids, index):
-            await check(index)
 
 
 def counter(metrics: bytes, name: str, **labels: str) -> float:

@@ -25,12 +25,15 @@ Choices where the contract is silent:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from typing import Literal, cast
 
 import yaml
 
 from sbg.config import model
+from sbg.config.cluster import ClusterReader
 from sbg.config.homeservers import HomeserversReader
 from sbg.config.listeners import ListenersReader
 from sbg.config.reader import _kind, _read_capped, _strerror, index_path, key_path
@@ -56,6 +59,7 @@ _TOP_KEYS = (
     "trust_levels",
     "mode",
     "limits",
+    "cluster",
 )
 
 
@@ -83,9 +87,10 @@ def load_config(path: str, *, skip_files: bool = False) -> model.Config:
         raise ConfigErrors(
             path, [ConfigError("", f"{path}: not UTF-8 text (bad byte at offset {e.start})")]
         ) from None
-    return parse_config_text(
+    config = parse_config_text(
         text, base_dir=os.path.dirname(abspath), path=path, skip_files=skip_files
     )
+    return dataclasses.replace(config, sha256=hashlib.sha256(raw).hexdigest())
 
 
 def parse_config_text(
@@ -181,7 +186,7 @@ def _describe_yaml_error(e: yaml.MarkedYAMLError) -> str:
     return f"not valid YAML: {where}{' '.join(' '.join(parts).split())}"
 
 
-class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader):
+class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader, ClusterReader):
     """The whole file: every section, then the checks that span them."""
 
     def config(self, data: dict[object, object], abspath: str) -> model.Config:
@@ -203,6 +208,7 @@ class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader):
         trust_levels = self.trust_levels(top)
         mode = self.choice(top, "mode", "", MODES, "enforce")
         limits = self.limits(top.get("limits"))
+        cluster = self.cluster(top)
 
         self.check_listeners(listeners, outbound, internals, admin_token_file)
         self.check_names(internals, externals)
@@ -227,13 +233,14 @@ class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader):
             trust_levels=trust_levels or (),
             mode=cast(model.Mode, mode),
             limits=limits,
+            cluster=cluster,
         )
 
 
 def _key_tables() -> dict[str, tuple[str, ...]]:
-    from sbg.config import homeservers, listeners, reader, settings, trust
+    from sbg.config import cluster, homeservers, listeners, reader, settings, trust
 
-    modules = (reader, listeners, settings, homeservers, trust)
+    modules = (reader, listeners, settings, homeservers, trust, cluster)
     tables: dict[str, tuple[str, ...]] = {"_TOP_KEYS": _TOP_KEYS}
     for module in modules:
         for name, value in vars(module).items():

@@ -176,6 +176,26 @@ class TrustLevel:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """The `cluster` block: the Redis through which several gateway nodes
+    share their kill switch, and this node's name in it.
+
+    `host` and `port` for a TCP Redis, `unix_socket` (host None) for a
+    socket; `password` is `password_file`'s content (None: no password,
+    or the loader ran with skip_files).
+    """
+
+    redis: str  # the URL as configured (it holds no secret)
+    node_name: str
+    host: str | None = None
+    port: int = 6379
+    unix_socket: str | None = None
+    db: int = 0
+    password_file: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file, validated (`sbg.config.load`)."""
 
@@ -197,3 +217,7 @@ class Config:
     limits: Limits = Limits()
     # Processes serving the listeners (a later multi-process mode); >= 1.
     workers: int = 1
+    # Several gateway nodes sharing the kill switch; None: this node alone.
+    cluster: ClusterSettings | None = None
+    # SHA-256 (hex) of the file's bytes as loaded ("" for parsed text).
+    sha256: str = ""

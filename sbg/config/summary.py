@@ -100,4 +100,10 @@ def format_summary(config: Config) -> str:
         f"proxy auth {'on' if outbound.proxy_auth else 'off'}{proxy}, "
         f"{len(outbound.allowed_non_matrix_urls)} non-Matrix URL(s)"
     )
+    cluster = config.cluster
+    if cluster is None:
+        lines.append("cluster: none (this node alone)")
+    else:
+        password = "password set" if cluster.password_file else "no password"
+        lines.append(f"cluster: node {cluster.node_name}, Redis {cluster.redis} ({password})")
     return "\n".join(lines) + "\n"

@@ -30,12 +30,13 @@ def _stamp(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
-class StateFile:
-    """Reads and writes the kill-switch state in one directory."""
+class AtomicFile:
+    """One file of `state_dir`, always replaced whole (write-then-rename,
+    fsynced, the directory too), never seen half written."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, name: str) -> None:
         self.state_dir = state_dir
-        self.path = os.path.join(state_dir, STATE_FILE)
+        self.path = os.path.join(state_dir, name)
         self.written: Stamp = None
 
     def ensure_dir(self) -> None:
@@ -49,11 +50,11 @@ class StateFile:
         except FileNotFoundError:
             return None
 
-    def read(self) -> Switches:
-        """The state in the file (empty when there is none).
+    def read_json(self) -> object:
+        """The file's JSON document (None when there is no file).
 
         Raises:
-            StateFileError: it cannot be read or is not a state.
+            OSError, ValueError: it cannot be read, or is not JSON.
         """
         try:
             with open(self.path, encoding="utf-8") as f:
@@ -61,21 +62,15 @@ class StateFile:
                 data = json.load(f)
         except FileNotFoundError:
             self.written = None
-            return {}
-        except (OSError, ValueError) as e:
-            raise StateFileError(f"{self.path}: cannot read kill-switch state: {e}") from None
-        try:
-            switches = parse(data)
-        except StateFormatError as e:
-            raise StateFileError(f"{self.path}: malformed kill-switch state: {e}") from None
+            return None
         self.written = stamp
-        return switches
+        return data
 
-    def write(self, switches: Switches) -> None:
-        """Persist `switches` (write-then-rename, fsynced). Raises OSError."""
+    def write_json(self, document: object) -> None:
+        """Persist `document` (write-then-rename, fsynced). Raises OSError."""
         self.ensure_dir()
         tmp = self.path + ".tmp"
-        data = json.dumps(render(switches), indent=1).encode()
+        data = json.dumps(document, indent=1).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
@@ -89,3 +84,31 @@ class StateFile:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+class StateFile(AtomicFile):
+    """Reads and writes the kill-switch state in one directory."""
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(state_dir, STATE_FILE)
+
+    def read(self) -> Switches:
+        """The state in the file (empty when there is none).
+
+        Raises:
+            StateFileError: it cannot be read or is not a state.
+        """
+        try:
+            data = self.read_json()
+        except (OSError, ValueError) as e:
+            raise StateFileError(f"{self.path}: cannot read kill-switch state: {e}") from None
+        if data is None:
+            return {}
+        try:
+            return parse(data)
+        except StateFormatError as e:
+            raise StateFileError(f"{self.path}: malformed kill-switch state: {e}") from None
+
+    def write(self, switches: Switches) -> None:
+        """Persist `switches` (write-then-rename, fsynced). Raises OSError."""
+        self.write_json(render(switches))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sbg.killswitch.shared import SharedState, SharedStateError
 from sbg.killswitch.state import Direction, Entry, Switch, Switches, expand_direction, render
@@ -158,10 +158,14 @@ class KillSwitch:
         Raises:
             KillSwitchPersistError: `state_dir` could not be written.
         """
+        self.lift_switches([(server, d) for d in expand_direction(direction)])
+
+    def lift_switches(self, switches: Iterable[Switch]) -> None:
+        """Lift these switches, on disk first (see `lift`)."""
         self._writable()
         new = dict(self._switches)
-        for d in expand_direction(direction):
-            new.pop((server, d), None)
+        for switch in switches:
+            new.pop(switch, None)
         if new == self._switches:
             return
         try:
@@ -172,6 +176,20 @@ class KillSwitch:
         self._file_ok = True
         self._set(new)
         self._notify()
+
+    def put_entries(self, entries: Iterable[Entry]) -> bool:
+        """Engage switches exactly as these entries say (reason, since_ts,
+        by: e.g. as another node engaged them): in force at once, then
+        persisted; False when `state_dir` could not be written."""
+        self._writable()
+        new = dict(self._switches)
+        for entry in entries:
+            new[entry.switch] = entry
+        if new == self._switches:
+            return self._file_ok
+        self._set(new)
+        self._notify()
+        return self._persist_quietly()
 
     def on_change(self, callback: Callable[[frozenset[Switch]], None]) -> None:
         self._listeners.append(callback)

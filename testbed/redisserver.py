@@ -1,0 +1,136 @@
+"""A real `redis-server` (Debian's) for the tests, the end-to-end suite and
+the benchmarks: on loopback, in a directory of its own, on a free port.
+
+`make venv` (scripts/bootstrap) installs `redis-server` where it is missing,
+as the end-to-end suite installs Synapse. By default the server keeps
+nothing on disk: a restart, like a `SIGKILL` of a server without
+persistence, loses every key (the harshest case for the cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+from testbed.e2e.processes import ManagedProcess, clean_environment
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+class RedisMissing(Exception):
+    """redis-server is not installed."""
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server") or (REDIS_SERVER if os.path.exists(REDIS_SERVER) else None)
+    if found is None:
+        raise RedisMissing(
+            "redis-server is not installed: `make venv` installs it as root "
+            "(apt-get install redis-server)"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    s = socket.socket()
+    s.bind((host, 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class RedisServer:
+    """One redis-server process; `start`, `stop` (SIGTERM), `kill` (SIGKILL)
+    and `start` again on the same address."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        password: str | None = None,
+        unix_socket: bool = False,
+        persistent: bool = False,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.host = host
+        self.port = port or free_port(host)
+        self.password = password
+        # A unix socket path must be short (108 bytes): not in the test's directory.
+        self.socket_path = (
+            os.path.join(tempfile.mkdtemp(prefix="sbg-redis-"), "redis.sock")
+            if unix_socket
+            else None
+        )
+        self.persistent = persistent
+        self.config_path = os.path.join(self.directory, "redis.conf")
+        self._write_config()
+        self.process = ManagedProcess(
+            "redis-server",
+            [redis_server_binary(), self.config_path],
+            stdout_path=os.path.join(self.directory, "redis.log"),
+            env=clean_environment(),
+            cwd=self.directory,
+        )
+
+    @property
+    def url(self) -> str:
+        if self.socket_path is not None:
+            return f"unix://{self.socket_path}"
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _write_config(self) -> None:
+        lines = [
+            f"bind {self.host}",
+            f"port {self.port}",
+            f"dir {self.directory}",
+            "daemonize no",
+            "protected-mode no",
+            "databases 16",
+            "appendonly no",
+            # Persistent: one snapshot at shutdown (SIGTERM), none otherwise.
+            'save ""' if not self.persistent else "save 3600 1",
+        ]
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        if self.socket_path is not None:
+            lines += [f"unixsocket {self.socket_path}", "unixsocketperm 700"]
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.process.start()
+        self.process.wait_ready(self.answers, timeout, interval=0.02)
+
+    def answers(self) -> bool:
+        """Whether the server answers a PING (a password-protected one
+        answers NOAUTH, which is an answer)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                reply = s.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def stop(self) -> None:
+        """SIGTERM (a persistent server saves first)."""
+        self.process.stop(10.0)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, nothing saved."""
+        self.process.signal(signal.SIGKILL)
+        self.process.stop(5.0)
+
+    def wait_gone(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.answers():
+            if time.monotonic() > deadline:
+                raise AssertionError("redis-server still answers")
+            time.sleep(0.02)
