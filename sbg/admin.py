@@ -149,10 +149,12 @@ class KillSwitchResource(resource.Resource):
             done = self._control.lift(server_name, direction, who)
 
         def answer(outcome: Outcome) -> None:
+            cluster = outcome.body.get("cluster")
+            done = f"{what} cluster={cluster}" if cluster else what
             if outcome.applied and self._engage:
-                logger.warning("kill switch engaged by %s: %s reason=%r", who, what, reason)
+                logger.warning("kill switch engaged by %s: %s reason=%r", who, done, reason)
             elif outcome.applied:
-                logger.warning("kill switch lifted by %s: %s", who, what)
+                logger.warning("kill switch lifted by %s: %s", who, done)
             if not request.finished and not getattr(request, "_disconnected", False):
                 request.write(_json(request, outcome.status, outcome.body))
                 request.finish()

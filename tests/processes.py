@@ -19,6 +19,7 @@ from twisted.internet import reactor, task, threads
 
 from testbed.configtools import (
     INTERNAL_HOST,
+    PARTNER_HOST,
     PARTNER_SERVER,
     Material,
     make_material,
@@ -108,6 +109,23 @@ class Setup:
 
     def admin(self, method: str, path: str, body: Any = None, token: bool = True) -> Any:
         return threads.deferToThread(self.admin_sync, method, path, body, token)
+
+
+def connect_head(port: int, proxy_auth: bytes) -> bytes:
+    """The outbound listener's answer head to a CONNECT to the partner."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        target = PARTNER_HOST.encode() + b":8448"
+        s.sendall(
+            b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
+            b"Proxy-Authorization: " + proxy_auth + b"\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return head
 
 
 def make_setup(test: TestCase, overrides: dict[str, Any] | None = None) -> Setup:

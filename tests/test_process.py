@@ -22,14 +22,21 @@ from twisted.internet import threads
 
 from sbg.commands.check_config import run as check_config
 from testbed.configtools import (
-    PARTNER_HOST,
     PARTNER_SERVER,
     PROXY_USERNAME,
 )
 from tests.asynctest import TestCase
 from tests.gateway import bare
 from tests.inbound_requests import TXN, txn_body
-from tests.processes import TWISTD, make_setup, run_gateway, sleep, spawn, wait_until
+from tests.processes import (
+    TWISTD,
+    connect_head,
+    make_setup,
+    run_gateway,
+    sleep,
+    spawn,
+    wait_until,
+)
 
 if not os.path.exists(TWISTD):
     TWISTD = shutil.which("twistd3") or shutil.which("twistd") or "twistd"
@@ -253,22 +260,6 @@ class JsonLogTests(TestCase):
         ):
             self.assertNotIn(secret, text)
         self.assertEqual(proc.errors(), "")
-
-
-def connect_head(port: int, proxy_auth: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        target = PARTNER_HOST.encode() + b":8448"
-        s.sendall(
-            b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
-            b"Proxy-Authorization: " + proxy_auth + b"\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        return head
 
 
 class StartupFailureTests(TestCase):

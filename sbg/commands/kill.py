@@ -119,4 +119,13 @@ def run(
             if item.get("reason"):
                 line += f" (reason: {item['reason']})"
             print(line, file=out)
+    cluster = state.get("cluster") if isinstance(state, dict) else None
+    if cluster == "connected":
+        print("cluster: Redis took the change: it holds on every node within a second", file=out)
+    elif cluster == "unreachable":
+        print(
+            "cluster: Redis is unreachable: the switch holds on this node only, and reaches "
+            "the other nodes when Redis answers again",
+            file=out,
+        )
     return 0
