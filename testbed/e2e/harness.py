@@ -555,12 +555,14 @@ class AuditLog:
 class Sbg:
     """An sbg process (``twistd -n sbg -c FILE``) with its config dir in the run dir."""
 
-    def __init__(self, sbg_dir: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, sbg_dir: str, config: Mapping[str, Any], name: str = "sbg") -> None:
+        """NAME names its files in SBG_DIR (several gateway nodes share one)."""
         self.directory = sbg_dir
-        self.config_path = os.path.join(sbg_dir, "sbg.yaml")
-        self.stdout_path = os.path.join(sbg_dir, "sbg.stdout.log")
-        self.stderr_path = os.path.join(sbg_dir, "sbg.stderr.log")
-        self.admin_url = f"http://{SBG_ADDRESS}:{SBG_ADMIN_PORT}"
+        self.config_path = os.path.join(sbg_dir, f"{name}.yaml")
+        self.stdout_path = os.path.join(sbg_dir, f"{name}.stdout.log")
+        self.stderr_path = os.path.join(sbg_dir, f"{name}.stderr.log")
+        admin = next(li for li in config["listeners"] if li["type"] == "admin")
+        self.admin_url = f"http://{admin['bind_addresses'][0]}:{admin['port']}"
         self.audit = AuditLog(self.stdout_path)
         token_file = config.get("admin_token_file")
         self.admin_token: str | None = None
@@ -577,7 +579,7 @@ class Sbg:
             self.config_path,
         ]
         self.process = ManagedProcess(
-            "sbg",
+            name,
             argv,
             stdout_path=self.stdout_path,
             stderr_path=self.stderr_path,
