@@ -41,6 +41,7 @@ from testbed.configtools import (
     make_material,
     write_config,
 )
+from testbed.redisserver import RedisServer
 
 ROOT = os.path.dirname(tools.HERE)
 MIB = 1 << 20
@@ -82,6 +83,7 @@ class Env:
     servers: dict[str, procs.Server] = field(default_factory=dict)
     mitm_ca: str = ""
     base_label: str = ""  # "sbg@<short id>" with --base
+    redis: RedisServer | None = None  # with --cluster: the nodes' Redis
 
     def label(self, target: str) -> str:
         return self.base_label if target == BASE else target
@@ -99,6 +101,8 @@ class Env:
     def stop_all(self) -> None:
         for server in reversed(list(self.servers.values())):
             server.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 # -- setup -------------------------------------------------------------------
@@ -230,6 +234,9 @@ def _sbg_configs(
             "log_level": args.sbg_log_level,
             "workers": args.sbg_workers,
         }
+        if target in args.cluster:
+            assert env.redis is not None
+            overrides["cluster"] = {"redis": env.redis.url, "node_name": f"bench-{target}"}
         for n, extra in enumerate(extras, 1):
             overrides[f"external_homeservers[{n}]"] = extra
         configs[target] = write_config(directory, overrides, material=env.material)
@@ -371,6 +378,9 @@ def _start_servers(args: argparse.Namespace, env: Env, nginx: str, bench_bin: st
     extras = extra_externals(
         args.externals - 1, material.partner_ca.certificate, partner["trust_level"]
     )
+    if args.cluster:
+        env.redis = RedisServer(os.path.join(workdir, "redis"))
+        env.redis.start()
     configs = _sbg_configs(args, env, extras)
     if BASE in configs:
         source = baseline.extract(ROOT, args.base_commit, os.path.join(workdir, "base-src"))
@@ -766,6 +776,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sbg-workers", type=int, default=1, help="sbg's workers (processes); default 1"
     )
+    p.add_argument(
+        "--cluster",
+        default="",
+        metavar="TARGETS",
+        help=f"sbg targets ({','.join(SBG_TARGETS)}) given a cluster block, with a redis-server "
+        "started for them (e.g. --base HEAD --targets sbg,sbg-base --cluster sbg: the cost of "
+        "the cluster, interleaved)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every raw result to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args(argv)
@@ -779,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--base given but {BASE} is not in --targets")
     if args.externals < 1:
         p.error("--externals must be at least 1 (the partner)")
+    args.cluster = [t for t in args.cluster.split(",") if t]
+    if unknown := set(args.cluster) - (set(args.targets) & set(SBG_TARGETS)):
+        p.error(f"--cluster: not sbg targets of this run: {sorted(unknown)}")
     if args.base:
         try:
             args.base_commit, args.base_short = baseline.resolve(ROOT, args.base)
@@ -838,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{reps} repetition(s) of {duration:g} s per target, interleaved; sbg log_level {args.sbg_log_level}, "
             f"workers {args.sbg_workers}, {args.externals} external server(s) configured{base_note}"
         )
+        if args.cluster:
+            header += f"; with a cluster block (Redis on loopback): {', '.join(args.cluster)}"
         out.append(header)
         for w in selected:
             out.append(table(w, results[w.name], env.base_label))

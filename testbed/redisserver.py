@@ -56,6 +56,7 @@ class RedisServer:
         password: str | None = None,
         unix_socket: bool = False,
         persistent: bool = False,
+        replica_of: tuple[str, int] | None = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
@@ -69,6 +70,7 @@ class RedisServer:
             else None
         )
         self.persistent = persistent
+        self.replica_of = replica_of
         self.config_path = os.path.join(self.directory, "redis.conf")
         self._write_config()
         self.process = ManagedProcess(
@@ -98,7 +100,9 @@ class RedisServer:
             'save ""' if not self.persistent else "save 3600 1",
         ]
         if self.password is not None:
-            lines.append(f"requirepass {self.password}")
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
+        if self.replica_of is not None:
+            lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
         if self.socket_path is not None:
             lines += [f"unixsocket {self.socket_path}", "unixsocketperm 700"]
         with open(self.config_path, "w", encoding="utf-8") as f:
@@ -134,3 +138,85 @@ class RedisServer:
             if time.monotonic() > deadline:
                 raise AssertionError("redis-server still answers")
             time.sleep(0.02)
+
+
+class RedisSentinel:
+    """One Redis Sentinel (`redis-server CONF --sentinel`) watching the
+    primary `service` at `primary`, alone in its quorum, quick to fail over."""
+
+    def __init__(
+        self,
+        directory: str,
+        primary: tuple[str, int],
+        service: str = "sbg",
+        *,
+        host: str = "127.0.0.1",
+        password: str | None = None,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.host, self.port, self.service = host, free_port(host), service
+        config = os.path.join(self.directory, "sentinel.conf")
+        lines = [
+            f"bind {host}",
+            f"port {self.port}",
+            f"dir {self.directory}",
+            "protected-mode no",
+            f"sentinel monitor {service} {primary[0]} {primary[1]} 1",
+            f"sentinel down-after-milliseconds {service} 1000",
+            f"sentinel failover-timeout {service} 5000",
+        ]
+        if password is not None:
+            lines.append(f"sentinel auth-pass {service} {password}")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        self.process = ManagedProcess(
+            "redis-sentinel",
+            [redis_server_binary(), config, "--sentinel"],
+            stdout_path=os.path.join(self.directory, "sentinel.log"),
+            env=clean_environment(),
+            cwd=self.directory,
+        )
+
+    def url(self, db: int = 0) -> str:
+        return f"sentinel://{self.host}:{self.port}/{self.service}/{db}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.process.start()
+        self.process.wait_ready(self.answers, timeout, interval=0.02)
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def replicas(self) -> int:
+        """How many replicas of the primary the sentinel knows."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(f"SENTINEL replicas {self.service}\r\n".encode())
+                reply = s.recv(65536)
+        except OSError:
+            return 0
+        head = reply.split(b"\r\n", 1)[0]
+        return int(head[1:]) if head.startswith(b"*") else 0
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary the sentinel names now."""
+        request = f"SENTINEL get-master-addr-by-name {self.service}\r\n".encode()
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(request)
+                reply = s.recv(256).decode()
+        except OSError:
+            return None
+        parts = reply.split("\r\n")
+        if not reply.startswith("*2") or len(parts) < 5:
+            return None
+        return parts[2], int(parts[4])
+
+    def stop(self) -> None:
+        self.process.stop(10.0)

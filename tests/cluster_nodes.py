@@ -16,7 +16,7 @@ from twisted.internet import reactor
 
 from sbg.cluster.link import Announcement
 from sbg.cluster.sync import ClusterKillSwitch
-from sbg.config.cluster import parse_redis_url
+from sbg.config.cluster import settings as cluster_settings
 from sbg.config.model import ClusterSettings
 from sbg.killswitch.control import Outcome
 from sbg.killswitch.state import Switch
@@ -38,16 +38,8 @@ def start_redis(test: TestCase, **kw: Any) -> RedisServer:
 
 
 def settings(url: str, node: str, password: str | None = None) -> ClusterSettings:
-    host, port, unix_socket, db = parse_redis_url(url)
-    return ClusterSettings(
-        redis=url,
-        node_name=node,
-        host=host,
-        port=port,
-        unix_socket=unix_socket,
-        db=db,
-        password_file="(test)" if password else None,
-        password=password,
+    return cluster_settings(
+        url, node, password_file="(test)" if password else None, password=password
     )
 
 

@@ -149,7 +149,8 @@ class AlertRulesTests(SynchronousTestCase):
             expr = rule["expr"]
             known: set[str] = set()
             for name, selector in metrics_in(expr):
-                labels = set(self.exported.get(name) or PROMETHEUS_OWN[name])
+                # A metric without labels exports an empty tuple.
+                labels = set(self.exported[name] if name in self.exported else PROMETHEUS_OWN[name])
                 known |= labels
                 for label, op, value in _MATCHER.findall(selector):
                     self.assertIn(label, labels, f"{rule['alert']}: {name} has no label {label}")

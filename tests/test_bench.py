@@ -82,7 +82,9 @@ class ExternalsTests(SynchronousTestCase):
         material = make_material(os.path.join(directory, "material"))
         names = [f"{t}-{k}" for t in run.SBG_TARGETS for k in ("in", "out", "admin")]
         env = run.Env(directory, material, "wrk", run._free_ports([*names, "up-http", "up-tls"]))
-        args = argparse.Namespace(targets=["sbg", run.BASE], sbg_log_level="warning", sbg_workers=1)
+        args = argparse.Namespace(
+            targets=["sbg", run.BASE], sbg_log_level="warning", sbg_workers=1, cluster=[]
+        )
         extras = extra_externals(3, material.partner_ca.certificate, "partner")
         paths = run._sbg_configs(args, env, extras)
         configs = {t: load_config(p) for t, p in paths.items()}

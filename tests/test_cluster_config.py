@@ -78,9 +78,21 @@ class ClusterConfigTests(SynchronousTestCase):
             parse_redis_url("redis://redis.example:7000"), ("redis.example", 7000, None, 0)
         )
 
+    def test_sentinel(self) -> None:
+        url = "sentinel://10.0.0.21:26380,10.0.0.22,[fd00::23]/sbg-redis/2"
+        c = self.load({"cluster": {"redis": url, "node_name": "gw-a"}}).cluster
+        assert c is not None
+        self.assertEqual(
+            c.sentinels, (("10.0.0.21", 26380), ("10.0.0.22", 26379), ("fd00::23", 26379))
+        )
+        self.assertEqual((c.service, c.db, c.host, c.unix_socket), ("sbg-redis", 2, None, None))
+
     def test_problems_have_key_paths(self) -> None:
         cases = {
-            "https://10.0.0.20:6379": "cluster.redis: must be redis://host:port/db or unix://",
+            "https://10.0.0.20:6379": "cluster.redis: must be redis://host:port/db, unix://",
+            "sentinel://s1:26379": "cluster.redis: must be",
+            "sentinel://s1:26379,s2:99999/sbg": "cluster.redis: a sentinel address: port out",
+            "sentinel://a:pw@s1/sbg": "cluster.redis: no credentials in the URL",
             "redis://user:pw@10.0.0.20:6379/0": "cluster.redis: no credentials in the URL",
             "rediss://10.0.0.20:6379/0": "cluster.redis: TLS to Redis (rediss://) is not supported",
             "redis://10.0.0.20:99999/0": "cluster.redis: must be",

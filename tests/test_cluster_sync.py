@@ -19,6 +19,7 @@ from twisted.internet import defer
 from sbg.cluster.link import KILLSWITCH_KEY
 from sbg.cluster.records import field_name
 from sbg.killswitch.store import StateFile
+from testbed.redisserver import RedisSentinel, RedisServer
 from testbed.tcpproxy import TCPProxy
 from tests.asynctest import TestCase
 from tests.cluster_nodes import BOTH, PARTNER, Node, holds, start_redis, within
@@ -349,3 +350,42 @@ class ConcurrencyTests(TestCase):
             if json.loads(v)["state"] == "engaged"
         }
         self.assertEqual({d for _, d in a.engaged}, stored)
+
+
+class SentinelTests(TestCase):
+    async def test_failover_keeps_every_switch_and_the_cluster_goes_on(self) -> None:
+        primary = start_redis(self, password="pw")
+        replica = RedisServer(
+            os.path.abspath(self.mktemp()), password="pw", replica_of=(primary.host, primary.port)
+        )
+        replica.start()
+        self.addCleanup(replica.stop)
+        replicated = client(replica.url, "pw")
+        await within(
+            lambda: replicated.info("replication").get("master_link_status") == "up",
+            10.0,
+            "the replica in sync",
+        )
+        sentinel = RedisSentinel(
+            os.path.abspath(self.mktemp()), (primary.host, primary.port), password="pw"
+        )
+        sentinel.start()
+        self.addCleanup(sentinel.stop)
+        await within(lambda: sentinel.replicas() == 1, 15.0, "the sentinel knows the replica")
+        a = Node(self, sentinel.url(), "gw-a", password="pw")
+        b = Node(self, sentinel.url(), "gw-b", password="pw")
+        self.assertTrue(a.cluster.connected and b.cluster.connected)
+        await a.engage()
+        await within(lambda: b.engaged >= BOTH, 1.0, "b engaged")
+        await within(lambda: len(replicated.hgetall(KILLSWITCH_KEY)) == 2, 5.0, "replicated")
+        primary.kill()
+        failed_over = await within(
+            lambda: sentinel.primary() == (replica.host, replica.port), 20.0, "failover"
+        )
+        report("Sentinel failover", failed_over)
+        self.assertLessEqual(BOTH, a.engaged & b.engaged)  # nothing lifted meanwhile
+        await within(
+            lambda: a.cluster.connected and b.cluster.connected, 5.0, "both on the new primary"
+        )
+        self.assertEqual((await b.lift()).status, 200)
+        await within(lambda: not BOTH & a.engaged, 1.0, "a lifted through the new primary")

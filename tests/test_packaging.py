@@ -257,6 +257,17 @@ class DebianControlTests(SynchronousTestCase):
             self.assertIn(package, depends, f"debian/control does not depend on {package}")
             self.assertEqual(depends[package], f">= {minimum}", package)
 
+    def test_recommends_the_cluster_extra(self) -> None:
+        # Optional: only a node with a `cluster` block imports redis, and
+        # `sbg check-config` names the package when it is missing.
+        (binary,) = [p for p in _control_paragraphs() if p.get("Package") == "sbg"]
+        cfg = configparser.ConfigParser()
+        cfg.read(ROOT / "setup.cfg", encoding="utf-8")
+        extra = cfg["options.extras_require"]["cluster"].split()
+        self.assertEqual(extra, ["redis>=4.3.4"])
+        self.assertEqual(binary["Recommends"], "python3-redis (>= 4.3.4)")
+        self.assertNotIn("python3-redis", _binary_depends())
+
     def test_depends_on_generated_python_and_adduser(self) -> None:
         depends = _binary_depends()
         for name in ("${python3:Depends}", "${misc:Depends}", "adduser"):

@@ -108,6 +108,18 @@ def make_client(settings: ClusterSettings) -> Any:
         "retry": Retry(NoBackoff(), 0),
         "client_name": f"sbg-{settings.node_name}",
     }
+    if settings.service is not None:
+        # The primary the sentinels name, asked again at each new connection
+        # (after a failover, the next poll finds the new primary).
+        from redis.sentinel import Sentinel
+
+        sentinel_kwargs = {
+            "socket_timeout": TIMEOUT,
+            "socket_connect_timeout": TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        manager = Sentinel(list(settings.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return manager.master_for(settings.service, **kwargs)
     if settings.unix_socket is not None:
         kwargs["unix_socket_path"] = settings.unix_socket
     else:

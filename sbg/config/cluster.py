@@ -2,7 +2,8 @@
 
 ```yaml
 cluster:
-  redis: redis://10.0.0.20:6379/0      # or unix:///run/redis/redis.sock (?db=N)
+  redis: redis://10.0.0.20:6379/0      # or unix:///run/redis/redis.sock (?db=N),
+                                      # or sentinel://s1:26379,s2,s3/service (/db)
   password_file: null
   node_name: gw-a                     # default: the host name
 ```
@@ -19,6 +20,7 @@ import importlib.util
 import re
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from sbg.config import model
 from sbg.config.reader import BaseReader, key_path
@@ -26,11 +28,56 @@ from sbg.hosts import HostParseError, parse_authority
 
 _CLUSTER_KEYS = ("redis", "password_file", "node_name")
 DEFAULT_REDIS_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
 MAX_DB = 65535
+_SENTINEL_URL = re.compile(
+    r"sentinel://([^/?#]+)/([A-Za-z0-9._-]{1,64})(?:/([0-9]{1,5}))?/?", re.IGNORECASE
+)
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _TCP_URL = re.compile(r"redis://([^/?#]*)(?:/([0-9]{1,5}))?/?", re.IGNORECASE)
 _UNIX_URL = re.compile(r"unix://(/[^?#]*)(?:\?db=([0-9]{1,5}))?", re.IGNORECASE)
-_SHAPES = "redis://host:port/db or unix:///path/to/redis.sock"
+_SHAPES = (
+    "redis://host:port/db, unix:///path/to/redis.sock or sentinel://host:port,host:port/service/db"
+)
+
+Sentinels = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is: `host` and `port`, a `unix_socket`, or the primary
+    `service` that `sentinels` name; and the database number."""
+
+    host: str | None
+    port: int
+    unix_socket: str | None
+    db: int
+    sentinels: Sentinels = ()
+    service: str | None = None
+
+
+def parse_sentinel_url(text: str) -> tuple[Sentinels, str, int] | None:
+    """`sentinel://h1[:port],h2[:port]/service[/db]` as (sentinels, service,
+    db); None when it is not a sentinel URL.
+
+    Raises:
+        ValueError: a sentinel URL that does not parse.
+    """
+    if not text.lower().startswith("sentinel://"):
+        return None
+    if "@" in text:
+        raise ValueError("no credentials in the URL: put the password in password_file")
+    match = _SENTINEL_URL.fullmatch(text)
+    if match is None:
+        raise ValueError(f"must be {_SHAPES}, not {text!r}")
+    sentinels = []
+    for part in match.group(1).split(","):
+        try:
+            host, port = parse_authority(part)
+        except HostParseError as e:
+            raise ValueError(f"a sentinel address: {e}") from None
+        sentinels.append((host, port or DEFAULT_SENTINEL_PORT))
+    return tuple(sentinels), match.group(2), _db(int(match.group(3) or 0))
 
 
 def parse_redis_url(text: str) -> tuple[str | None, int, str | None, int]:
@@ -61,6 +108,44 @@ def parse_redis_url(text: str) -> tuple[str | None, int, str | None, int]:
     return host, port or DEFAULT_REDIS_PORT, None, _db(int(tcp.group(2) or 0))
 
 
+def parse_address(text: str) -> RedisAddress:
+    """Where the `redis` URL says Redis is (see `parse_redis_url` and
+    `parse_sentinel_url`).
+
+    Raises:
+        ValueError: not one of those URLs.
+    """
+    sentinel = parse_sentinel_url(text)
+    if sentinel is not None:
+        sentinels, service, db = sentinel
+        return RedisAddress(None, DEFAULT_REDIS_PORT, None, db, sentinels, service)
+    host, port, unix_socket, db = parse_redis_url(text)
+    return RedisAddress(host, port, unix_socket, db)
+
+
+def settings(
+    url: str,
+    node_name: str,
+    address: RedisAddress | None = None,
+    password_file: str | None = None,
+    password: str | None = None,
+) -> model.ClusterSettings:
+    """The cluster settings of a valid `redis` URL (parsed unless given)."""
+    a = address or parse_address(url)
+    return model.ClusterSettings(
+        redis=url,
+        node_name=node_name,
+        host=a.host,
+        port=a.port,
+        unix_socket=a.unix_socket,
+        db=a.db,
+        password_file=password_file,
+        password=password,
+        sentinels=a.sentinels,
+        service=a.service,
+    )
+
+
 def _db(db: int) -> int:
     if db > MAX_DB:
         raise ValueError(f"the database number must be between 0 and {MAX_DB}")
@@ -87,7 +172,7 @@ class ClusterReader(BaseReader):
         url = self.string(m, "redis", path, required=True)
         if url is not None:
             try:
-                address = parse_redis_url(url)
+                address = parse_address(url)
             except ValueError as e:
                 self.error(key_path(path, "redis"), str(e))
             else:
@@ -104,17 +189,7 @@ class ClusterReader(BaseReader):
         node_name = self.node_name(m, path)
         if address is None or url is None or node_name is None:
             return None
-        host, port, unix_socket, db = address
-        return model.ClusterSettings(
-            redis=url,
-            node_name=node_name,
-            host=host,
-            port=port,
-            unix_socket=unix_socket,
-            db=db,
-            password_file=password_file,
-            password=password,
-        )
+        return settings(url, node_name, address, password_file, password)
 
     def node_name(self, m: Mapping[str, object], path: str) -> str | None:
         p = key_path(path, "node_name")

@@ -181,8 +181,9 @@ class ClusterSettings:
     share their kill switch, and this node's name in it.
 
     `host` and `port` for a TCP Redis, `unix_socket` (host None) for a
-    socket; `password` is `password_file`'s content (None: no password,
-    or the loader ran with skip_files).
+    socket, or `sentinels` and `service` (host None) for the primary that
+    Redis Sentinel names; `password` is `password_file`'s content (None: no
+    password, or the loader ran with skip_files).
     """
 
     redis: str  # the URL as configured (it holds no secret)
@@ -191,6 +192,8 @@ class ClusterSettings:
     port: int = 6379
     unix_socket: str | None = None
     db: int = 0
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
     password_file: str | None = None
     password: str | None = field(default=None, repr=False)
 
