@@ -181,9 +181,6 @@ class GatewayService(MultiService):
         self.outbound = OutboundState(self.runtime, self.tracker)
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
-        if self.cluster is not None:
-            # Redis's switches are in force before the first connection.
-            self.cluster.start()
         self._update_certificate_expiry(config)
         self._inbound_tls = inbound_tls
         self._ports: list[StreamServerEndpointService] = []
@@ -282,6 +279,11 @@ class GatewayService(MultiService):
     # -- lifecycle ---------------------------------------------------------
 
     def privilegedStartService(self) -> None:
+        if self.cluster is not None:
+            # After twistd's fork (a daemon keeps no thread started before),
+            # before the reactor runs: Redis's switches are in force before
+            # the first connection is accepted.
+            self.cluster.start()
         # twistd binds the ports here: a port in use is one line and exit 1,
         # not a traceback.
         try:

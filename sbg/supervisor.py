@@ -182,9 +182,6 @@ class SupervisorService(MultiService):
         self._ks_check.clock = reactor
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
-        if self.cluster is not None:
-            # Redis's switches are in force (and shared) before any worker starts.
-            self.cluster.start()
         self.policy = Policy.build(config)
         update_certificate_expiry(config, self.metrics)
         self._started = config
@@ -223,6 +220,10 @@ class SupervisorService(MultiService):
     # -- lifecycle ---------------------------------------------------------
 
     def privilegedStartService(self) -> None:
+        if self.cluster is not None:
+            # After twistd's fork (a daemon keeps no thread started before):
+            # Redis's switches are in force (and shared) before any worker starts.
+            self.cluster.start()
         try:
             self._sockets = bind_sockets(self.config)
             super().privilegedStartService()

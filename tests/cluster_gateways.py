@@ -50,18 +50,10 @@ class Gateway:
     proc: Process
 
     async def inbound(self) -> int:
-        """The status a partner's signed transaction gets (a new one each time)."""
-        path = TXN + b"c%d" % next(_TXN_IDS)
-        resp = await self.setup.inbound(self.setup.signed("PUT", path, txn_body()))
-        return int(resp.status)
+        return await inbound_status(self.setup)
 
     async def connect(self) -> int:
-        """The status an internal homeserver's CONNECT to the partner gets."""
-        token = base64.b64encode(f"{PROXY_USERNAME}:{self.setup.material.proxy_password}".encode())
-        head = await threads.deferToThread(
-            connect_head, self.setup.ports["outbound"], b"Basic " + token
-        )
-        return int(head.split(b" ", 2)[1]) if head else 0
+        return await connect_status(self.setup)
 
     async def both(self) -> tuple[int, int]:
         return await self.inbound(), await self.connect()
@@ -100,6 +92,20 @@ class Gateway:
         self.proc.signal(signal.SIGTERM)
         self.test.assertEqual(await self.proc.wait(), 0, self.proc.output())
         self.proc = await _run(self.test, self.setup, self.name)
+
+
+async def inbound_status(setup: Setup) -> int:
+    """The status a partner's signed transaction gets (a new one each time)."""
+    path = TXN + b"c%d" % next(_TXN_IDS)
+    resp = await setup.inbound(setup.signed("PUT", path, txn_body()))
+    return int(resp.status)
+
+
+async def connect_status(setup: Setup) -> int:
+    """The status an internal homeserver's CONNECT to the partner gets."""
+    token = base64.b64encode(f"{PROXY_USERNAME}:{setup.material.proxy_password}".encode())
+    head = await threads.deferToThread(connect_head, setup.ports["outbound"], b"Basic " + token)
+    return int(head.split(b" ", 2)[1]) if head else 0
 
 
 async def _run(test: TestCase, setup: Setup, name: str) -> Process:

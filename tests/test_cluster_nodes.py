@@ -11,15 +11,24 @@ measured are printed.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
 
 from twisted.internet import defer
 
 from testbed.configtools import PARTNER_SERVER
 from testbed.tcpproxy import TCPProxy
 from tests.asynctest import TestCase
-from tests.cluster_gateways import Gateway, seconds_until, start_gateways
-from tests.cluster_nodes import start_redis
-from tests.processes import sleep
+from tests.cluster_gateways import (
+    Gateway,
+    connect_status,
+    inbound_status,
+    seconds_until,
+    start_gateways,
+)
+from tests.cluster_nodes import Node, start_redis
+from tests.processes import ROOT, TWISTD, make_setup, sleep, wait_until
 
 KILL = {"server": PARTNER_SERVER, "direction": "both"}
 OPEN, CLOSED = (200, 200), (403, 403)
@@ -205,3 +214,45 @@ class ThreeNodesTests(ClusterCase):
         status = (await b.admin("GET", "/_sbg/cluster")).json()
         self.assertEqual(sorted(n["node"] for n in status["nodes"]), ["gw-a", "gw-b", "gw-c"])
         self.assertEqual({n["workers"] for n in status["nodes"]}, {2})
+
+
+class DaemonTests(ClusterCase):
+    async def test_a_daemonised_node_follows_the_cluster(self) -> None:
+        # twistd without -n forks before it starts the service: the thread
+        # that talks to Redis must be started in the process that serves.
+        redis = start_redis(self)
+        setup = make_setup(self, {"cluster": {"redis": redis.url, "node_name": "gw-d"}})
+        pidfile = os.path.join(setup.directory, "twistd.pid")
+        logfile = os.path.join(setup.directory, "twistd.log")
+        argv = [TWISTD, "--pidfile", pidfile, "--logfile", logfile, "sbg", "-c", setup.path]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        done = subprocess.run(argv, cwd=setup.directory, env=env, capture_output=True, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        await wait_until(lambda: os.path.exists(pidfile), 10, "the pid file")
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(_kill, pid)
+
+        async def health() -> object:
+            try:
+                return (await setup.admin("GET", "/health", token=False)).json()
+            except OSError:
+                return None
+
+        await seconds_until(health, {"status": "ok", "cluster": "connected"}, 15.0, "healthy")
+
+        async def both() -> tuple[int, int]:
+            return await inbound_status(setup), await connect_status(setup)
+
+        self.assertEqual(await both(), OPEN)
+        other = Node(self, redis.url, "gw-e")
+        await other.engage()
+        seconds = await seconds_until(both, CLOSED, 1.0, "the daemon refuses")
+        report("engaged on another node, refused by a daemonised one", seconds)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
