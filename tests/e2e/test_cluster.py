@@ -58,15 +58,17 @@ class TwoGatewayNodesTests(TestCase):
         alice, bob = hs_int.register("alice"), hs_ext.register("bob")
 
         with self.step("federation through the load balancer and both nodes"):
-            room = alice.create_room(preset="private_chat")
+            room = alice.create_room(preset="private_chat", access_rule="unrestricted")
             invite_and_join(alice, bob, room, hs_int.server_name)
             send_concurrently(room, [(alice, ["hello b"]), (bob, ["hello a"])])
             wait_deliveries(
                 [(bob, room, alice.user_id, ["hello b"]), (alice, room, bob.user_id, ["hello a"])],
                 60,
             )
+            (in_a, in_b), (out_a, out_b) = self.gateways.connections()
             print(
-                f"[e2e] cluster: connections per node (inbound, outbound): {self.gateways.connections()}"
+                f"[e2e] cluster: connections to gw-a/gw-b: inbound {in_a}/{in_b}, "
+                f"outbound {out_a}/{out_b}"
             )
 
         with self.step("sbg kill through gw-a; gw-b has it through Redis"):
