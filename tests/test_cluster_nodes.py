@@ -78,6 +78,13 @@ class TwoNodesTests(ClusterCase):
             self.assertEqual(await gw.health(), {"status": "ok", "cluster": "connected"})
             metrics = (await gw.setup.admin("GET", "/metrics", token=False)).body
             self.assertIn(b"sbg_cluster_connected 1.0", metrics)
+
+        async def listed() -> list[str]:
+            return sorted(
+                n["node"] for n in (await a.admin("GET", "/_sbg/cluster")).json()["nodes"]
+            )
+
+        await seconds_until(listed, ["gw-a", "gw-b"], 6.0, "both nodes listed")  # read every 5 s
         status = (await a.admin("GET", "/_sbg/cluster")).json()
         digests = {n["node"]: n["config_sha256"] for n in status["nodes"]}
         for gw in (a, b):
@@ -211,8 +218,14 @@ class ThreeNodesTests(ClusterCase):
                 f"unkill on gw-a, open on {gw.name}",
                 await seconds_until(gw.both, OPEN, 1.0, gw.name),
             )
+
+        async def listed() -> list[str]:
+            return sorted(
+                n["node"] for n in (await b.admin("GET", "/_sbg/cluster")).json()["nodes"]
+            )
+
+        await seconds_until(listed, ["gw-a", "gw-b", "gw-c"], 6.0, "every node listed")
         status = (await b.admin("GET", "/_sbg/cluster")).json()
-        self.assertEqual(sorted(n["node"] for n in status["nodes"]), ["gw-a", "gw-b", "gw-c"])
         self.assertEqual({n["workers"] for n in status["nodes"]}, {2})
 
 

@@ -68,7 +68,8 @@ class PropagationTests(TestCase):
         def names() -> set[str]:
             return {n["node"] for n in a.cluster.status()["nodes"]}
 
-        await within(lambda: names() == {"gw-a", "gw-b"}, 2.0, "both nodes listed")
+        # Each node reads the others' announcements every 5 s.
+        await within(lambda: names() == {"gw-a", "gw-b"}, 6.0, "both nodes listed")
         status = b.cluster.status()
         self.assertEqual((status["node"], status["cluster"]), ("gw-b", "connected"))
         self.assertEqual(status["redis"], server.url)
@@ -147,6 +148,19 @@ class RedisDownTests(TestCase):
         report("converged on the union after Redis restarted", seconds)
         self.assertEqual(len(client(server.url).hgetall(KILLSWITCH_KEY)), 3)
         self.assertEqual(a.cluster.status()["pending"], [])
+
+    async def test_an_engage_into_an_empty_cluster_goes_out_at_the_first_poll(self) -> None:
+        # Nothing engaged before the outage: Redis comes back as empty as it
+        # left, and the pending engage still goes out at once (not at the
+        # next full read, 5 s later).
+        server = start_redis(self)
+        a, b = Node(self, server.url, "gw-a"), Node(self, server.url, "gw-b")
+        server.stop()
+        await self.down(server, a, b)
+        await a.engage(None, "inbound")
+        server.start()
+        seconds = await within(lambda: (None, "inbound") in b.engaged, 2.0, "b engaged")
+        report("Redis back, an engage made meanwhile reaches the other node", seconds)
 
     async def test_redis_killed_during_changes(self) -> None:
         server = start_redis(self)

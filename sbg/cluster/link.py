@@ -4,9 +4,9 @@ The reactor never waits on Redis. One thread (`sbg-cluster`) owns the
 client (redis-py: Debian 12's 4.3 or a newer one) and does everything that
 talks to Redis, in order:
 
-- every `POLL_INTERVAL` it reads the kill-switch records, the nodes'
-  announcements and Redis's clock (one pipelined round trip), and every
-  `ANNOUNCE_INTERVAL` it writes this node's announcement;
+- every `POLL_INTERVAL` it reads the kill-switch records (one HGETALL),
+  and every `ANNOUNCE_INTERVAL` the nodes' announcements and Redis's clock,
+  and writes this node's announcement;
 - between polls it runs the writes the reactor queued (`submit`): a
   change made through this node's admin API (an `operation`: each record
   gets the version above every version Redis or this node had for its
@@ -14,7 +14,7 @@ talks to Redis, in order:
   optimistic transaction (`WATCH`/`MULTI`/`EXEC`).
 
 Results go back to the reactor with `callFromThread`: a poll's snapshot when
-it differs from the last one (`on_snapshot`), a change of reachability
+the records changed and after each full read (`on_snapshot`), a change of reachability
 (`on_state`), and each write's Deferred. Every call has a 1 s socket
 timeout and no retry: Redis down is noticed within about a second, and the
 next poll tries again.
@@ -43,10 +43,8 @@ logger = logging.getLogger(__name__)
 KILLSWITCH_KEY = "sbg:killswitch"
 NODES_KEY = "sbg:nodes"
 POLL_INTERVAL = 0.25
+# The nodes and Redis's clock are read, and this node announced, this often.
 ANNOUNCE_INTERVAL = 5.0
-# A snapshot is passed on at least this often, even unchanged (the node list's
-# "seen in the last 30 s" needs Redis's clock).
-REFRESH_INTERVAL = 5.0
 TIMEOUT = 1.0
 WATCH_ATTEMPTS = 20
 _STOP = object()
@@ -64,13 +62,20 @@ class Snapshot:
 
     Attributes:
         bad_fields: fields of the kill-switch hash that are not records.
-        now_ms: Redis's clock at the poll.
+        nodes: the nodes' announcements, as of the last full read.
+        now_ms: Redis's clock at that read, taken at `now_at`
+            (`time.monotonic()`).
     """
 
     records: dict[Switch, Record]
     bad_fields: tuple[str, ...]
     nodes: tuple[NodeInfo, ...]
     now_ms: int
+    now_at: float
+
+    def redis_now_ms(self) -> int:
+        """Redis's clock now, as far as this node can tell."""
+        return self.now_ms + int((time.monotonic() - self.now_at) * 1000)
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,13 @@ class RedisLink:
         self._first = threading.Event()
         self._first_snapshot: Snapshot | None = None
         self._connected: bool | None = None
-        self._delivered: tuple[object, ...] | None = None
-        self._delivered_at = 0.0
-        self._next_announce = 0.0
+        self._delivered: dict[bytes, bytes] | None = None
+        self._next_full = 0.0
+        # From the last full read: the nodes, and Redis's clock (ms) as read
+        # at `_now_at` (time.monotonic()).
+        self._nodes: tuple[NodeInfo, ...] = ()
+        self._now_ms = 0
+        self._now_at = 0.0
 
     # -- the reactor's side ------------------------------------------------
 
@@ -213,45 +222,47 @@ class RedisLink:
             self._reactor.callFromThread(self._on_state, connected, detail)
 
     def _poll(self, client: Any) -> None:
+        """Read the records (one HGETALL); every `ANNOUNCE_INTERVAL` also the
+        nodes and Redis's clock, and announce this node. A snapshot goes to
+        the reactor when the records changed, and after each full read."""
+        full = self._first_snapshot is None or time.monotonic() >= self._next_full
         try:
-            snapshot, raw = self._read(client)
-            if time.monotonic() >= self._next_announce:
-                self._announce(client, snapshot)
-                self._next_announce = time.monotonic() + ANNOUNCE_INTERVAL
+            raw = client.hgetall(KILLSWITCH_KEY)
+            if full:
+                self._read_nodes(client)
+                self._next_full = time.monotonic() + ANNOUNCE_INTERVAL
         except Exception as e:
             self._failed(e)
             self._first.set()
             return
         self._state(True, "")
+        if not full and raw == self._delivered:
+            return
+        self._delivered = raw
+        snapshot = self._snapshot(raw)
         if self._first_snapshot is None:
             self._first_snapshot = snapshot
             self._first.set()
-        now = time.monotonic()
-        if raw != self._delivered or now - self._delivered_at >= REFRESH_INTERVAL:
-            self._delivered, self._delivered_at = raw, now
-            self._reactor.callFromThread(self._on_snapshot, snapshot)
+        self._reactor.callFromThread(self._on_snapshot, snapshot)
 
-    def _read(self, client: Any) -> tuple[Snapshot, tuple[object, ...]]:
-        pipe = client.pipeline(transaction=False)
-        pipe.hgetall(KILLSWITCH_KEY)
-        pipe.hgetall(NODES_KEY)
-        pipe.time()
-        raw_records, raw_nodes, (seconds, micros) = pipe.execute()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    def _snapshot(self, raw: dict[bytes, bytes]) -> Snapshot:
         records: dict[Switch, Record] = {}
         bad = []
-        for name, value in sorted(raw_records.items()):
+        for name, value in sorted(raw.items()):
             try:
                 record = decode(name, value)
             except RecordError:
                 bad.append(name.decode("utf-8", "replace")[:200])
                 continue
             records[record.switch] = record
-        nodes = tuple(decode_nodes(raw_nodes))
-        snapshot = Snapshot(records, tuple(bad), nodes, now_ms)
-        return snapshot, (tuple(sorted(raw_records.items())), tuple(sorted(raw_nodes.items())))
+        return Snapshot(records, tuple(bad), self._nodes, self._now_ms, self._now_at)
 
-    def _announce(self, client: Any, snapshot: Snapshot) -> None:
+    def _read_nodes(self, client: Any) -> None:
+        """Redis's clock, then this node's announcement written and every
+        node's read (the stale ones removed)."""
+        seconds, micros = client.time()
+        self._now_at = time.monotonic()
+        self._now_ms = int(seconds) * 1000 + int(micros) // 1000
         a = self.announcement
         info = NodeInfo(
             node=a.node,
@@ -259,15 +270,16 @@ class RedisLink:
             version=a.version,
             workers=a.workers,
             started_ts=a.started_ts,
-            last_seen_ts=snapshot.now_ms,
+            last_seen_ts=self._now_ms,
             instance=a.instance,
         )
         pipe = client.pipeline(transaction=False)
         pipe.hset(NODES_KEY, a.node, info.encode())
-        stale = forgotten(snapshot.nodes, snapshot.now_ms)
+        stale = forgotten(self._nodes, self._now_ms)
         if stale:
             pipe.hdel(NODES_KEY, *stale)
-        pipe.execute()
+        pipe.hgetall(NODES_KEY)
+        self._nodes = tuple(decode_nodes(pipe.execute()[-1]))
 
     def _write(self, client: Any, write: _Write) -> None:
         if time.monotonic() > write.deadline:
@@ -290,6 +302,11 @@ class RedisLink:
         if not isinstance(e, _errors()):
             logger.error("cluster: unexpected error talking to Redis", exc_info=e)
         self._state(False, _describe(e))
+        # The first poll that succeeds again is a full one, and its snapshot
+        # goes to the reactor even if nothing changed (pending engages wait
+        # for it).
+        self._delivered = None
+        self._next_full = 0.0
 
     def _transact(self, client: Any, write: _Write) -> list[Record]:
         import redis

@@ -74,7 +74,6 @@ class ClusterKillSwitch:
         self._link = link_factory(settings, reactor, announcement, self._snapshot, self._state)
         self.connected = False
         self._latest: Snapshot | None = None
-        self._latest_at = 0.0
         self._bad: tuple[str, ...] = ()
         self._twins: set[str] = set()
         self._first_ms: int | None = None
@@ -140,7 +139,7 @@ class ClusterKillSwitch:
         30 s (as of the last poll), for `GET /_sbg/cluster` and `sbg status`."""
         nodes: list[dict[str, Any]] = []
         if self._latest is not None:
-            now_ms = self._latest.now_ms + int((time.monotonic() - self._latest_at) * 1000)
+            now_ms = self._latest.redis_now_ms()
             nodes = [n.as_json() for n in recent(self._latest.nodes, now_ms)]
         pending = sorted(self.ledger.pending, key=lambda s: (s[0] or "", s[1]))
         return {
@@ -284,7 +283,7 @@ class ClusterKillSwitch:
         self._link.submit("merge", todo).addBoth(done)
 
     def _snapshot(self, snapshot: Snapshot) -> None:
-        self._latest, self._latest_at = snapshot, time.monotonic()
+        self._latest = snapshot
         if snapshot.bad_fields != self._bad:
             self._bad = snapshot.bad_fields
             if self._bad:

@@ -222,5 +222,5 @@ class Config:
     workers: int = 1
     # Several gateway nodes sharing the kill switch; None: this node alone.
     cluster: ClusterSettings | None = None
-    # SHA-256 (hex) of the file's bytes as loaded ("" for parsed text).
-    sha256: str = ""
+    # SHA-256 (hex) of the file's bytes, as loaded ("" for parsed text).
+    sha256: str = field(default="", compare=False)
