@@ -44,8 +44,16 @@ class TCPProxy:
         return self
 
     def stop(self) -> None:
+        """Stop listening (the port is free again) and end every relay."""
         self._stopped.set()
+        try:
+            # Wakes the thread blocked in accept(): close() alone would not,
+            # and the socket would stay bound until it returned.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._thread.join(5)
         self.heal()
 
     def cut(self) -> None:
