@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The twistd next to this Python (a virtualenv), else Debian's twistd3.
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+if not os.path.exists(TWISTD):
+    TWISTD = shutil.which("twistd3") or shutil.which("twistd") or TWISTD
 
 
 START_TIMEOUT = 30.0

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -29,7 +28,6 @@ from tests.asynctest import TestCase
 from tests.gateway import bare
 from tests.inbound_requests import TXN, txn_body
 from tests.processes import (
-    TWISTD,
     connect_head,
     make_setup,
     run_gateway,
@@ -38,8 +36,6 @@ from tests.processes import (
     wait_until,
 )
 
-if not os.path.exists(TWISTD):
-    TWISTD = shutil.which("twistd3") or shutil.which("twistd") or "twistd"
 AUDIT_FIELDS = {
     "ts",
     "direction",
