@@ -6,9 +6,10 @@ sbg.worker`) that inherit them: the kernel hands each new connection to
 one of the workers. Each worker is a whole `GatewayService` on the adopted
 sockets; the supervisor keeps what must be one for all of them:
 
-- the admin listener: the kill switch is written to `state_dir` before the
-  admin call returns, and every worker checks the file (one `stat`) before
-  each decision, so a switch holds for the next request in every process;
+- the admin listener: the kill switch is written to `state_dir` and to the
+  memory the workers share with the supervisor before the admin call
+  returns, and every worker reads that memory before each decision, so a
+  switch holds for the next request in every process;
 - `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR`
   (`state_dir/metrics`, emptied at start) and the supervisor sums them;
 - signals: SIGHUP is checked here first (an invalid file is refused once,
