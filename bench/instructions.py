@@ -14,14 +14,13 @@ misses, contention).
 from __future__ import annotations
 
 import glob
-import os
 import re
 import shutil
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
-_SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
+_TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
 
 
 def available() -> bool:
@@ -51,22 +50,25 @@ def _dumps(out_file: str) -> set[str]:
 def counted(pid: int, out_file: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """RUN with PID's instrumentation on; add `instructions`, the count of the run.
 
-    A dump holds the counts since the previous one; the instrumentation is
-    off between runs, so the new dump is this run's.
+    The counters are zeroed first and the instrumentation is off between
+    runs, so the new dump's `totals` (the sum of the costs it lists) are
+    this run's. (Its `summary` line is not: after a dump, callgrind may
+    report a negative difference there.)
     """
     before = _dumps(out_file)
+    _control(pid, "-z")
     _control(pid, "-i", "on")
     try:
         result = run()
     finally:
         _control(pid, "-d")
         _control(pid, "-i", "off")
-    new = sorted(_dumps(out_file) - before, key=os.path.getmtime)
+    new = sorted(_dumps(out_file) - before, key=lambda name: int(name.rsplit(".", 1)[1]))
     if not new:
         raise RuntimeError(f"callgrind wrote no dump for pid {pid}")
     with open(new[-1], errors="replace") as f:
-        match = _SUMMARY.search(f.read())
+        match = _TOTALS.search(f.read())
     if match is None:
-        raise RuntimeError(f"no summary line in {new[-1]}")
+        raise RuntimeError(f"no totals line in {new[-1]}")
     result["instructions"] = int(match.group(1))
     return result
