@@ -11,6 +11,8 @@ certificate does not verify. A TCP probe that sends nothing is not one.
 from __future__ import annotations
 
 import datetime
+import io
+import json
 import logging
 import os
 import socket
@@ -20,13 +22,14 @@ from typing import Any
 
 from twisted.internet import threads
 
+from sbg.logsetup import LogWriter, WriterHandler
 from testbed.configtools import DELETE, INTERNAL_HOST, PARTNER_HOST, PARTNER_SERVER, Material
 from testbed.tlstools import issue_cert
 from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
 from tests.outbound_tunnels import CONNECT, signed, txn
 from tests.processes import sleep
-from tests.rawhttp import tunnel_sync
+from tests.rawhttp import build_request, tunnel_sync
 from tests.standin import start_standin
 
 # The first bytes of a TLS ClientHello record: a handshake that never ends.
@@ -359,3 +362,67 @@ class OutboundHandshakeTests(TestCase):
         gw, fields, _ = await self._upstream_failure(cert)
         self.assertEqual(fields["reason"], "certificate_expired")
         self.assertEqual(failures(gw, "outbound_upstream", "certificate_expired"), 1)
+
+
+class InternalUpstreamHandshakeTests(TestCase):
+    async def test_https_upstream_not_from_its_upstream_ca(self) -> None:
+        # The internal server's https upstream presents a certificate of the
+        # partner CA; its upstream_ca is the internal CA.
+        def overrides(m: Material) -> dict[str, Any]:
+            _state, port = start_standin(tls=(m.partner_tls.certificate, m.partner_tls.private_key))
+            self.addCleanup(port.stopListening)
+            return {
+                "internal_homeservers[0].upstream": f"https://127.0.0.1:{port.getHost().port}",  # type: ignore[attr-defined]
+                "internal_homeservers[0].upstream_ca": m.internal_ca.certificate,
+            }
+
+        gw = await start_gateway(self, overrides)
+        tls = capture(self)
+        request = build_request(
+            b"GET", b"/_matrix/key/v2/server", [(b"Host", INTERNAL_HOST.encode())]
+        )
+        resp = await gw.inbound(request)
+        self.assertEqual(resp.status, 502)
+        fields = await one_record(self, tls)
+        self.assertEqual(
+            fields,
+            {
+                "listener": "inbound_upstream",
+                "peer": "127.0.0.1",
+                "sni": "127.0.0.1",
+                "reason": "unknown_ca",
+            },
+        )
+        self.assertEqual(failures(gw, "inbound_upstream", "unknown_ca"), 1)
+
+
+class JsonLineTests(TestCase):
+    async def test_json_line_carries_the_fields(self) -> None:
+        gw = await start_gateway(self)
+        out = io.StringIO()
+        handler = WriterHandler(LogWriter(out, "json", "info"))
+        log = logging.getLogger("sbg.tls")
+        log.addHandler(handler)
+        self.addCleanup(log.removeHandler, handler)
+        tls = capture(self)
+        await threads.deferToThread(
+            tls_client,
+            gw.ports["inbound"],
+            cafile=gw.material.partner_ca.certificate,
+            server_hostname=INTERNAL_HOST,
+        )
+        await one_record(self, tls)
+        (line,) = out.getvalue().splitlines()
+        obj = json.loads(line)
+        self.assertEqual(obj["logger"], "sbg.tls")
+        self.assertEqual(obj["level"], "warning")
+        self.assertEqual(
+            {k: obj[k] for k in ("listener", "peer", "sni", "reason")},
+            {
+                "listener": "inbound",
+                "peer": "127.0.0.1",
+                "sni": INTERNAL_HOST,
+                "reason": "unknown_ca",
+            },
+        )
+        self.assertTrue(obj["message"].startswith("TLS handshake failed: listener=inbound"))

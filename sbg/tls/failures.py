@@ -189,7 +189,7 @@ class HandshakeFailures:
         )
         if detail:
             text += f" ({detail})"
-        logger.warning(text, extra={"sbg_fields": fields})
+        logger.warning("%s", text, extra={"sbg_fields": fields})
 
 
 # The protocol class the installed Twisted's factory uses (Twisted 22.4:
