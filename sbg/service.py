@@ -265,6 +265,7 @@ class GatewayService(MultiService):
             lambda: self.runtime.policy,
             lambda: self.runtime.policy.config.admin_token,
             self.metrics.render,
+            health=self.health,
             reactor=self.reactor,
             status=self.status,
         )
@@ -339,6 +340,10 @@ class GatewayService(MultiService):
         self.metrics.config_reloads.labels("success").inc()
         logger.info("configuration reloaded from %s", new.path)
         return True
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`/health`: one process serving is `ok`."""
+        return 200, {"status": "ok"}
 
     def status(self) -> dict[str, Any]:
         """The body of `GET /_sbg/status` (`sbg.status`)."""

@@ -245,8 +245,11 @@ class KeyFetcher:
             self._changed()
             return pinned
         now = self._now_ms()
-        for key_id in [k for k, (_key, until) in cached.keys.items() if until < now]:
+        expired = [k for k, (_key, until) in cached.keys.items() if until < now]
+        for key_id in expired:
             del cached.keys[key_id]
+        if expired:
+            self._changed()
         if not cached.keys:
             return pinned
         merged: dict[str, VerifyKey] = {k: key for k, (key, _until) in cached.keys.items()}
