@@ -7,13 +7,35 @@ reactor, which runs the gateway, can answer it.
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import threads
 
 from sbg.cli import main
 from testbed.configtools import write_config
+from tests.asynctest import TestCase
 from tests.gateway import Gateway
+
+
+def set_environment(test: TestCase, values: Mapping[str, str | None]) -> None:
+    """Set (None: remove) environment variables until the test ends."""
+    saved = {k: os.environ.get(k) for k in values}
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    test.addCleanup(restore)
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 async def sbg(*argv: str) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import socket
 
 from testbed.configtools import DELETE, PARTNER_SERVER
 from tests.asynctest import TestCase
-from tests.commands import cli_config, sbg
+from tests.commands import cli_config, sbg, set_environment
 from tests.gateway import start_gateway
 from tests.processes import free_port
 
@@ -219,19 +219,10 @@ class ProxyEnvironmentTests(TestCase):
         config = cli_config(gw)
         proxy = _RecordingProxy()
         self.addCleanup(proxy.sock.close)
-        saved = {k: os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")}
-        os.environ["http_proxy"] = os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
-        os.environ.pop("no_proxy", None)
-        os.environ.pop("NO_PROXY", None)
-
-        def restore() -> None:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-        self.addCleanup(restore)
+        address = f"http://127.0.0.1:{proxy.port}"
+        set_environment(
+            self, {"http_proxy": address, "HTTP_PROXY": address, "no_proxy": None, "NO_PROXY": None}
+        )
         status, out, err = await sbg("kill", "-c", config, "--reason", "drill")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("(reason: drill)", out)

@@ -14,7 +14,7 @@ from sbg import __version__
 from sbg.commands.status import format_status
 from testbed.configtools import PARTNER_SERVER
 from tests.asynctest import TestCase
-from tests.commands import cli_config, sbg
+from tests.commands import cli_config, sbg, set_environment
 from tests.gateway import start_gateway
 from tests.inbound_requests import TXN, txn_body
 from tests.processes import free_port
@@ -97,23 +97,10 @@ class StatusCommandTests(TestCase):
     async def test_never_through_a_proxy_from_the_environment(self) -> None:
         gw = await start_gateway(self)
         config = cli_config(gw)
-        names = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY")
-        saved = {k: os.environ.get(k) for k in names}
         # A proxy nobody listens on: going through it would fail.
         dead = f"http://127.0.0.1:{free_port()}"
-        for k in names[:4]:
-            os.environ[k] = dead
-        for k in names[4:]:
-            os.environ.pop(k, None)
-
-        def restore() -> None:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-        self.addCleanup(restore)
+        proxies = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+        set_environment(self, {**dict.fromkeys(proxies, dead), "no_proxy": None, "NO_PROXY": None})
         code, out, err = await sbg("status", "-c", config, "--json")
         self.assertEqual((code, err), (0, ""))
         self.assertIn(PARTNER_SERVER, out)
