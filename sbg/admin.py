@@ -1,4 +1,4 @@
-"""The admin listener: `/health`, `/metrics` and the kill-switch API.
+"""The admin listener: `/health`, `/metrics`, the kill-switch API and the status.
 
 `/_sbg/*` needs the bearer token from `admin_token_file` when one is set;
 `/health` and `/metrics` stay open (bind the listener to loopback or a
@@ -166,6 +166,24 @@ class KillSwitchResource(resource.Resource):
         return _json(request, 200, self._ks.as_json())
 
 
+class StatusResource(resource.Resource):
+    """`GET /_sbg/status`: the body `sbg.status.build_status` makes."""
+
+    isLeaf = True
+
+    def __init__(
+        self, status: Callable[[], dict[str, Any]], token: Callable[[], str | None]
+    ) -> None:
+        super().__init__()
+        self._status = status
+        self._token = token
+
+    def render_GET(self, request: Request) -> bytes:
+        if not authorised(request, self._token()):
+            return _error(request, 401, "M_UNAUTHORIZED", "admin token required")
+        return _json(request, 200, self._status())
+
+
 class _AdminRequest(server.Request):
     """A request whose body is capped at `MAX_BODY` and never spooled to
     disk, and that must arrive whole within `IDLE_TIMEOUT`."""
@@ -257,6 +275,7 @@ def admin_site(
     metrics: Callable[[], bytes],
     health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     reactor: Any = None,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> AdminSite:
     root = resource.Resource()
     root.putChild(b"health", _Health(health or (lambda: (200, {"status": "ok"}))))
@@ -264,5 +283,7 @@ def admin_site(
     sbg = resource.Resource()
     sbg.putChild(b"kill", KillSwitchResource(killswitch, policy, token, engage=True))
     sbg.putChild(b"unkill", KillSwitchResource(killswitch, policy, token, engage=False))
+    if status is not None:
+        sbg.putChild(b"status", StatusResource(status, token))
     root.putChild(b"_sbg", sbg)
     return AdminSite(root, reactor)

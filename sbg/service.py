@@ -10,6 +10,7 @@ reactor so twistd exits 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Mapping
@@ -31,7 +32,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
@@ -54,6 +54,8 @@ from sbg.outbound.proxy import OutboundProxyFactory
 from sbg.outbound.state import OutboundState
 from sbg.reasons import Reason
 from sbg.runtime import Runtime, Snapshot
+from sbg.status import StatusFacts, StatusState, build_status, publish_fetched_keys
+from sbg.tls.failures import ObservedTLSFactory
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def read_reload(started: Config, metrics: Metrics, inbound_tls: bool) -> Snapsho
             logger.error("reload refused: %s", line)
         metrics.config_reloads.labels("failure").inc()
         return None
+    for line in new.warnings:
+        logging.getLogger("sbg.config").warning("%s", line)
     for label, attribute in RESTART_ONLY:
         if getattr(new, attribute) != getattr(started, attribute):
             logger.warning("%s changes need a restart; they were not applied", label)
@@ -141,13 +145,16 @@ class GatewayService(MultiService):
         install_signals: bool = True,
         adopted: Mapping[tuple[int, str], int] | None = None,
         killswitch_fd: int | None = None,
+        share_dir: str | None = None,
     ) -> None:
         """`adopted` makes this a worker of `workers: N` (sbg.supervisor):
         (listener index, bind address) -> the listening socket's file
         descriptor, inherited from the supervisor; admin listeners are the
-        supervisor's, and the kill switch is followed in the memory the
-        supervisor shares (`killswitch_fd`)."""
+        supervisor's, the kill switch is followed in the memory the
+        supervisor shares (`killswitch_fd`), and the fetched keys are
+        published for its status in `share_dir`."""
         super().__init__()
+        self.status_state = StatusState()
         self._adopted = adopted
         self.config = config
         self.reactor = reactor
@@ -157,7 +164,7 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.killswitch, tick = self._make_killswitch(config, killswitch_fd)
         self.killswitch.load()
-        self._ks_poll = LoopingCall(tick)
+        self._ks_poll = LoopingCall(self._every_second, tick)
         self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
         inbound_tls = any(li.type == "inbound" and li.tls for li in config.listeners)
@@ -165,6 +172,13 @@ class GatewayService(MultiService):
             reactor, Snapshot.build(config, inbound_tls), self.killswitch, AuditLog(), self.metrics
         )
         self.outbound = OutboundState(self.runtime, self.tracker)
+        if adopted is None:
+            self.metrics.add_process_metrics()
+        elif share_dir is not None:
+            fetcher = self.runtime.key_fetcher
+            fetcher.on_change = lambda: publish_fetched_keys(
+                share_dir, os.getpid(), fetcher.fetched()
+            )
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
         self._update_certificate_expiry(config)
@@ -236,8 +250,12 @@ class GatewayService(MultiService):
                 idle_timeout=self.config.inbound.idle_timeout,
             )
             if listener.tls:
-                http_factory = TLSMemoryBIOFactory(
-                    _SnapshotServerTLS(self.runtime), False, http_factory
+                http_factory = ObservedTLSFactory(
+                    _SnapshotServerTLS(self.runtime),
+                    False,
+                    http_factory,
+                    listener="inbound",
+                    failures=self.runtime.tls_failures,
                 )
             return self._limited(http_factory, "inbound")
         if listener.type == "outbound":
@@ -247,7 +265,9 @@ class GatewayService(MultiService):
             lambda: self.runtime.policy,
             lambda: self.runtime.policy.config.admin_token,
             self.metrics.render,
+            health=self.health,
             reactor=self.reactor,
+            status=self.status,
         )
 
     def _limited(self, factory: Any, direction: str) -> LimitedFactory:
@@ -313,12 +333,35 @@ class GatewayService(MultiService):
         new = snapshot.policy.config
         self.outbound.reconfigure()
         self.config = new
+        self.status_state.config_reloaded()
         self._update_certificate_expiry(new)
         if self._on_reconfigure is not None:
             self._on_reconfigure(new)
         self.metrics.config_reloads.labels("success").inc()
         logger.info("configuration reloaded from %s", new.path)
         return True
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`/health`: one process serving is `ok`."""
+        return 200, {"status": "ok"}
+
+    def status(self) -> dict[str, Any]:
+        """The body of `GET /_sbg/status` (`sbg.status`)."""
+        state = self.status_state
+        self.metrics.flush_last_requests()
+        return build_status(
+            StatusFacts(
+                now=state.now(),
+                started=state.started,
+                config=self.runtime.policy.config,
+                config_loaded=state.config_loaded,
+                killswitch=self.killswitch.entries,
+                workers=None,
+                metrics=self.metrics.registry.collect(),
+                fetched_keys=self.runtime.key_fetcher.fetched(),
+                sections=state.sections,
+            )
+        )
 
     def graceful_shutdown(self) -> defer.Deferred[None]:
         """Stop accepting, drain for at most `shutdown_grace`, stop the reactor."""
@@ -354,6 +397,7 @@ class GatewayService(MultiService):
         """Stop listening, cut the tunnels, close the upstream connections."""
         if self._ks_poll.running:
             self._ks_poll.stop()
+        self.metrics.flush_last_requests()
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()
         closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]
@@ -362,6 +406,11 @@ class GatewayService(MultiService):
         closing += [limited.close_all(self.reactor) for limited in self._connections]
         d = defer.gatherResults(closing, consumeErrors=True)
         return d.addCallback(_discard)
+
+    def _every_second(self, tick: Callable[[], None]) -> None:
+        tick()
+        # With workers, how the request times reach the supervisor.
+        self.metrics.flush_last_requests()
 
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
         # A worker's supervisor reports the switches and certificates.

@@ -9,12 +9,14 @@ audit decision *and* that the stand-in received nothing.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from signedjson.key import generate_signing_key
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
+from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER, Material
+from testbed.tlstools import issue_cert
 from tests.asynctest import TestCase
 from tests.gateway import assert_refused, start_gateway
 from tests.inbound_requests import TXN, txn_body
@@ -137,20 +139,18 @@ class RefusalTests(TestCase):
         assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
     async def test_row1_sni_names_another_internal_server(self) -> None:
-        gw = await start_gateway(
-            self,
-            lambda m: {
+        def other(m: Material) -> dict[str, Any]:
+            tls = issue_cert(m.internal_ca, m.directory, "other", ["matrix.other.example"])
+            return {
                 "internal_homeservers[1]": {
                     "server_name": "other.example",
                     "federation_hosts": ["matrix.other.example"],
                     "upstream": "http://127.0.0.1:9",
-                    "tls": {
-                        "certificate": m.internal_tls.certificate,
-                        "private_key": m.internal_tls.private_key,
-                    },
+                    "tls": {"certificate": tls.certificate, "private_key": tls.private_key},
                 },
-            },
-        )
+            }
+
+        gw = await start_gateway(self, other)
         req = gw.signed_request("PUT", TXN, txn_body())
         # Domain fronting: TLS for one internal server, Host for another.
         resp = await gw.inbound(req, sni="matrix.other.example", check_hostname=False)

@@ -445,6 +445,23 @@ class CertificateExpiryUnitTests(TestCase):
         )
 
 
+class ProcessMetricsTests(TestCase):
+    async def test_one_process_exports_its_own(self) -> None:
+        gw = await start_gateway(self)
+        samples = await scrape(self, gw)
+        rss = value(samples, "process_resident_memory_bytes")
+        assert rss is not None
+        with open("/proc/self/statm", encoding="ascii") as f:
+            mine = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        # This process's own figure (the gateway runs in it), no label.
+        self.assertLess(abs(rss - mine), 32 * 1024 * 1024)
+        for name in ("process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"):
+            found = value(samples, name)
+            self.assertIsNotNone(found, name)
+            assert found is not None
+            self.assertGreater(found, 0, name)
+
+
 def _sleep(seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)

@@ -25,6 +25,8 @@ Choices where the contract is silent:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from typing import Literal, cast
 
@@ -83,9 +85,10 @@ def load_config(path: str, *, skip_files: bool = False) -> model.Config:
         raise ConfigErrors(
             path, [ConfigError("", f"{path}: not UTF-8 text (bad byte at offset {e.start})")]
         ) from None
-    return parse_config_text(
+    config = parse_config_text(
         text, base_dir=os.path.dirname(abspath), path=path, skip_files=skip_files
     )
+    return dataclasses.replace(config, sha256=hashlib.sha256(raw).hexdigest())
 
 
 def parse_config_text(
@@ -122,7 +125,7 @@ def parse_config_text(
     config = reader.config(data, os.path.abspath(path))
     if reader.errors:
         raise ConfigErrors(path, reader.errors)
-    return config
+    return dataclasses.replace(config, warnings=tuple(str(w) for w in reader.warnings))
 
 
 # libyaml's parser when PyYAML has it (Debian's does): about ten times
@@ -190,6 +193,8 @@ class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader):
         log_level = self.choice(top, "log_level", "", LOG_LEVELS, "info")
         log_format = self.choice(top, "log_format", "", LOG_FORMATS, "text")
         state_dir = self.file_path(top, "state_dir", "") or "/var/lib/sbg"
+        if not self.skip_files and os.path.exists(state_dir) and not os.path.isdir(state_dir):
+            self.error("state_dir", f"{state_dir} exists and is not a directory")
         admin_token_file = self.file_path(top, "admin_token_file", "")
         admin_token = None
         if admin_token_file is not None and not self.skip_files:

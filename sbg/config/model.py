@@ -197,3 +197,8 @@ class Config:
     limits: Limits = Limits()
     # Processes serving the listeners (a later multi-process mode); >= 1.
     workers: int = 1
+    # SHA-256 (hex) of the file's bytes, as loaded ("" for parsed text).
+    sha256: str = field(default="", compare=False)
+    # What deserves attention without being an error (a certificate that
+    # expires within 30 days), each line starting with its key path.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
