@@ -1,4 +1,4 @@
-"""Prometheus metrics (contract section 8), in a registry of their own.
+"""Prometheus metrics (docs/metrics.md), in a registry of their own.
 
 Label values come only from the configuration (server names), from fixed
 sets (directions, groups, decisions, refusal codes) or `unknown`: never from

@@ -143,7 +143,7 @@ class Runtime:
         self.inflight = InflightBudget()
         self.body_budget = BodyBudget(lambda: self.snapshot.policy.config.limits.max_buffered_bytes)
         self.rate_limiter = RateLimiter(reactor.seconds)
-        # Fetched signing keys outlive policy snapshots (contract 5.2).
+        # Fetched signing keys outlive policy snapshots.
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
         # The joins the internal homeservers prepared (make_join answered),
         # shared by the workers of this node through state_dir.

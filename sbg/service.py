@@ -2,9 +2,9 @@
 
 `GatewayService` builds one listening port per (listener, bind address) of
 the configuration, all sharing one `Runtime`. SIGHUP re-reads the file and
-swaps the policy atomically (contract 6); SIGTERM stops accepting, lets the
-requests in flight finish for at most `shutdown_grace`, and stops the
-reactor so twistd exits 0.
+swaps the policy atomically (docs/configuration.md, "Reload and restart");
+SIGTERM stops accepting, lets the requests in flight finish for at most
+`shutdown_grace`, and stops the reactor so twistd exits 0.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fetching the signing keys of `key_fetch: fetch` servers (contract 5.2).
+"""Fetching the signing keys of `key_fetch: fetch` servers (docs/decisions.md,
+inbound step 15).
 
 `KeyFetcher` asks a server for its `/_matrix/key/v2/server` over TLS, from
 the server's first `federation_hosts` entry (port from that entry, else from
@@ -87,7 +88,7 @@ class FetchTarget:
 
 
 def fetch_target(server: ExternalHomeserver) -> FetchTarget:
-    """The key-fetch target of SERVER (contract 5.2).
+    """The key-fetch target of SERVER.
 
     The first `federation_hosts` entry; a server without one is fetched
     from its `server_name`'s host.

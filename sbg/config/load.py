@@ -1,11 +1,11 @@
-"""Read the YAML configuration into `sbg.config.model` (contract section 3).
+"""Read the YAML configuration into `sbg.config.model` (docs/configuration.md).
 
 Every problem is collected with its key path (dots, 0-based list indexes,
 keys quoted when they hold anything but letters, digits, `_` and `-`) and
 all of them are raised together as one `ConfigErrors`; nothing a file
 contains makes this module raise anything else.
 
-Choices where the contract is silent:
+Rules the loader applies (for operators: docs/configuration.md):
 
 - `null` means "not set" for every optional key (an empty `inbound:`
   section keeps the defaults); a required key that is `null` is missing.

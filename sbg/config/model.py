@@ -1,6 +1,6 @@
 """The configuration as immutable, typed values.
 
-`sbg.config.load` builds these from the YAML file (contract section 3) and
+`sbg.config.load` builds these from the YAML file (docs/configuration.md) and
 validates them; the rest of sbg only ever sees these objects. Paths are
 already resolved against the config file's directory, sizes are bytes and
 durations are seconds.
@@ -145,7 +145,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class RoomSettings:
-    """What the users of a trust level's servers may do in rooms (contract 13).
+    """What the users of a trust level's servers may do in rooms (docs/room-rules.md).
 
     The defaults are the V1 profile: invited into open rooms only, never in
     a public room, never above power level 0.

@@ -1,10 +1,10 @@
 """Inbound: external homeserver -> sbg -> internal homeserver.
 
 `InboundHandler` gathers the facts of each request, asks the pure deciders
-of `sbg.policy.inbound` and carries out their decision: the head is
-decided before any body byte is kept, the signature is checked over the
-body as received before it is parsed, and an allowed request is forwarded
-byte-identical.
+of `sbg.policy.inbound` and carries out their decision, in the order of
+`docs/decisions.md` (inbound steps 4-23): the head is decided before any
+body byte is kept, the signature is checked over the body as received
+before it is parsed, and an allowed request is forwarded byte-identical.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ class InboundHandler(Pipeline):
         wait = 0.0
         origin = head.origin
         if origin is not None:
-            # The origin's rate limit, counted only now that the signature
-            # proved who it is: nobody can spend a partner's budget.
+            # Step 18: the origin's rate limit, counted only now that the
+            # signature proved who it is: nobody can spend a partner's budget.
             level = policy.trust_levels.get(origin.trust_level)
             if level is not None and level.rate_limit is not None:
                 wait = self._rt.rate_limiter.take("origin:" + origin.server_name, level.rate_limit)
@@ -189,9 +189,9 @@ class InboundHandler(Pipeline):
     async def _check_body(
         self, request: BorderRequest, head: Head, keys: Mapping[str, VerifyKey]
     ) -> tuple[dict[str, Any] | None, bytes]:
-        """Rows 9 then 8: the signature over the body as received (on the
-        reactor: one hash, never more than one copy of a body at a time),
-        then the strict parse (in the thread pool for a large body)."""
+        """Steps 16 then 17: the signature over the body as received (on
+        the reactor: one hash, never more than one copy of a body at a
+        time), then the strict parse (in the thread pool for a large body)."""
         received = request.body
         method = request.method.decode("ascii")
         if received is None:

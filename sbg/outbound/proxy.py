@@ -2,7 +2,8 @@
 
 A connection starts in "head" mode: sbg reads one proxy request head
 (bounded in size, and in time by `limits.header_timeout`), decides on it
-(`sbg.policy.outbound.decide_connect`) and either refuses it with a status
+(`sbg.policy.outbound.decide_connect`; `docs/decisions.md`, outbound steps
+2-9) and either refuses it with a status
 and closes, or answers `200` and switches the connection into a TLS server
 whose certificate is minted for the ClientHello's SNI. The decrypted stream
 then feeds an ordinary HTTP/1.1 channel whose requests go through
