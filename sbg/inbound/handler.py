@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 # its whole parse.
 THREAD_THRESHOLD = 256 * 1024
 # Forwarding headers a peer could set to mislead the homeserver behind.
-UNTRUSTED_FORWARDING = (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
+UNTRUSTED_FORWARDING = frozenset(
+    (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
+)
 
 
 class _Lookups:
@@ -168,8 +170,6 @@ class InboundHandler(Pipeline):
             self.apply(ctx, decide_send_join(policy.mode(origin) == "monitor", joining, prepared))
         self.allow(ctx)
         _client, xff = self._forwarded_for(request)
-        for name in UNTRUSTED_FORWARDING:
-            request.requestHeaders.removeHeader(name)
         settings = policy.config.inbound
         with self._rt.inflight.hold(origin.server_name if origin else None, policy.config.limits):
             result = await forward(
@@ -178,6 +178,7 @@ class InboundHandler(Pipeline):
                 x_forwarded_for=xff,
                 body=body if request.method in (b"PUT", b"POST") else None,
                 clock=self._rt.reactor,
+                drop=UNTRUSTED_FORWARDING,
                 request_timeout=settings.request_timeout,
                 idle_timeout=settings.idle_timeout,
             )

@@ -17,7 +17,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sbg import reasons
@@ -52,10 +52,12 @@ class Tunnel:
     kind: TunnelKind
     server: ExternalHomeserver | None = None
     non_matrix: tuple[NonMatrixURL, ...] = ()
+    # The server's name (None for a non-Matrix URL), read on every request.
+    server_name: str | None = field(init=False, compare=False)
 
-    @property
-    def server_name(self) -> str | None:
-        return self.server.server_name if self.server is not None else None
+    def __post_init__(self) -> None:
+        name = self.server.server_name if self.server is not None else None
+        object.__setattr__(self, "server_name", name)
 
     def describe(self) -> str:
         target = format_authority(self.connect_host, self.connect_port)
