@@ -1,4 +1,4 @@
-"""Benchmarks: sbg against a direct connection, nginx and mitmproxy (issue 7).
+"""Benchmarks: sbg against a direct connection, nginx and mitmproxy.
 
 `python -m bench.run` (or `make bench`) installs what it needs, starts every
 server on loopback, runs the workloads interleaved and prints one table per

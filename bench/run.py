@@ -27,7 +27,7 @@ from typing import Any
 
 from signedjson.key import generate_signing_key
 
-from bench import baseline, payloads, procs, profile, tools
+from bench import baseline, instructions, payloads, procs, profile, tools
 from bench.externals import extra_externals
 from bench.nginxconf import nginx_argv, render
 from testbed.configtools import (
@@ -84,6 +84,8 @@ class Env:
     mitm_ca: str = ""
     base_label: str = ""  # "sbg@<short id>" with --base
     redis: RedisServer | None = None  # with --cluster: the nodes' Redis
+    # --callgrind: the callgrind output file of each sbg target.
+    callgrind: dict[str, str] = field(default_factory=dict)
 
     def label(self, target: str) -> str:
         return self.base_label if target == BASE else target
@@ -175,9 +177,12 @@ def _start_sbg(env: Env, target: str, config: str, source: str, attempts: int) -
     """
     python = os.path.join(ROOT, ".venv", "bin", "python")
     log = os.path.join(env.workdir, f"{target}.log")
+    argv = baseline.launcher_argv(python, source, ["-n", "--pidfile=", "sbg", "-c", config])
+    if target in env.callgrind:
+        argv = instructions.valgrind_argv(env.callgrind[target]) + argv
     server = procs.Server(
         target,
-        baseline.launcher_argv(python, source, ["-n", "--pidfile=", "sbg", "-c", config]),
+        argv,
         log,
         env=dict(os.environ, PYTHONPATH=source),
         cwd=env.workdir,
@@ -185,8 +190,9 @@ def _start_sbg(env: Env, target: str, config: str, source: str, attempts: int) -
     label = env.label(target)
     for attempt in range(attempts):
         try:
-            _start(server, env.ports[f"{target}-in"])
-            procs.wait_port(env.ports[f"{target}-out"], 10, server.proc)
+            slow = 10.0 if target in env.callgrind else 1.0
+            _start(server, env.ports[f"{target}-in"], 30 * slow)
+            procs.wait_port(env.ports[f"{target}-out"], 10 * slow, server.proc)
         except RuntimeError as e:
             tail = server.log_tail(60)
             if baseline.REFUSAL in tail:
@@ -260,6 +266,8 @@ def setup(args: argparse.Namespace, workdir: str) -> Env:
     names = ["up-http", "up-tls", "nginx-proxy", "mitm-reverse", "mitm-regular"]
     names += [f"{t}-{kind}" for t in SBG_TARGETS for kind in ("in", "out", "admin")]
     env = Env(workdir, material, wrk, _free_ports(names))
+    if args.callgrind:
+        env.callgrind = {t: os.path.join(workdir, f"callgrind-{t}.out") for t in SBG_TARGETS}
     if args.base:
         env.base_label = f"sbg@{args.base_short}"
     try:
@@ -399,8 +407,15 @@ def _parse_result(out: str) -> dict[str, Any]:
     raise RuntimeError(f"no result in load generator output:\n{out[-2000:]}")
 
 
-def _measured(server: procs.Server | None, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """RUN the load while measuring SERVER's CPU time and peak RSS."""
+def _measured(
+    server: procs.Server | None, run: Callable[[], dict[str, Any]], callgrind: str = ""
+) -> dict[str, Any]:
+    """RUN the load while measuring SERVER's CPU time and peak RSS (and, with
+    CALLGRIND, the output file of the callgrind it runs under, its instructions)."""
+    if callgrind and server is not None:
+        inner = run
+        pid = server.pid
+        run = lambda: instructions.counted(pid, callgrind, inner)  # noqa: E731
     pids = server.pids() if server else []
     procs.reset_peak_rss(pids)
     cpu0 = procs.cpu_seconds(pids)
@@ -461,8 +476,11 @@ def _client(argv: list[str], timeout: float) -> dict[str, Any]:
 
 
 def run_once(env: Env, workload: Workload, target: str, duration: float) -> dict[str, Any]:
+    callgrind = env.callgrind.get(target, "")
     if workload.kind == "wrk":
-        return _measured(env.proxy(target), lambda: _wrk(env, workload, target, duration))
+        return _measured(
+            env.proxy(target), lambda: _wrk(env, workload, target, duration), callgrind
+        )
     argv = [
         *_client_argv(env, target, workload.requests_file),
         "tunnel",
@@ -471,7 +489,7 @@ def run_once(env: Env, workload: Workload, target: str, duration: float) -> dict
         "--duration",
         str(duration),
     ]
-    return _measured(env.tunnel_proxy(target), lambda: _client(argv, duration + 60))
+    return _measured(env.tunnel_proxy(target), lambda: _client(argv, duration + 60), callgrind)
 
 
 def available(env: Env, target: str) -> bool:
@@ -500,7 +518,11 @@ def _summary(runs: list[dict[str, Any]], unit: str) -> dict[str, Any]:
         if r.get("cpu_s") is not None and n
     ]
     rss = [r["peak_rss_kb"] / 1024 for r in runs if r.get("peak_rss_kb")]
+    instr = [
+        r["instructions"] / n for r, n in zip(runs, per, strict=True) if "instructions" in r and n
+    ]
     return {
+        "instr": _median(instr) if instr else None,
         "rate": _median(rates),
         "min": min(rates),
         "max": max(rates),
@@ -584,6 +606,12 @@ def table(
         )
     per = "MB" if workload.unit == "MB/s" else "req"
     fields = [(workload.unit, "rate"), (f"CPU µs/{per}", "cpu_us"), ("p50", "p50_ms")]
+    counted = [(name, s["instr"]) for name, s in sums.items() if s.get("instr") is not None]
+    if counted:
+        fields.append((f"instructions/{per}", "instr"))
+        lines += ["", "Instructions per request (callgrind): " + ", ".join(
+            f"{base_label if name == BASE else name} {value:,.0f}" for name, value in counted
+        )]  # fmt: skip
     return _with_line(lines, vs_base(base_label, sums.get("sbg"), sums.get(BASE), fields))
 
 
@@ -784,6 +812,12 @@ def main(argv: list[str] | None = None) -> int:
         "started for them (e.g. --base HEAD --targets sbg,sbg-base --cluster sbg: the cost of "
         "the cluster, interleaved)",
     )
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run the sbg targets under valgrind's callgrind and report instructions per "
+        "request of each run (deterministic; ~50x slower, so few requests per run)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every raw result to FILE")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args(argv)
@@ -800,6 +834,10 @@ def main(argv: list[str] | None = None) -> int:
     args.cluster = [t for t in args.cluster.split(",") if t]
     if unknown := set(args.cluster) - (set(args.targets) & set(SBG_TARGETS)):
         p.error(f"--cluster: not sbg targets of this run: {sorted(unknown)}")
+    if args.callgrind and not instructions.available():
+        p.error("--callgrind needs valgrind (apt install valgrind)")
+    if args.callgrind and args.sbg_workers != 1:
+        p.error("--callgrind counts one process: --sbg-workers 1")
     if args.base:
         try:
             args.base_commit, args.base_short = baseline.resolve(ROOT, args.base)

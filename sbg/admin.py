@@ -1,5 +1,5 @@
-"""The admin listener: `/health`, `/metrics`, the kill-switch API and, on
-a node of a cluster, `/_sbg/cluster`.
+"""The admin listener: `/health`, `/metrics`, the kill-switch API, the status
+and, on a node of a cluster, `/_sbg/cluster`.
 
 `/_sbg/*` needs the bearer token from `admin_token_file` when one is set;
 `/health` and `/metrics` stay open (bind the listener to loopback or a
@@ -169,8 +169,10 @@ class KillSwitchResource(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class ClusterResource(resource.Resource):
-    """`GET /_sbg/cluster`: this node, Redis's reachability, the nodes seen."""
+class StatusResource(resource.Resource):
+    """A view for the admin token's holder: `GET /_sbg/status` (the body
+    `sbg.status.build_status` makes) and `GET /_sbg/cluster` (the nodes of
+    a cluster)."""
 
     isLeaf = True
 
@@ -279,9 +281,10 @@ def admin_site(
     health: Callable[[], tuple[int, dict[str, Any]]] | None = None,
     reactor: Any = None,
     cluster_status: Callable[[], dict[str, Any]] | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> AdminSite:
-    """The admin listener's site; `cluster_status` (a node of a cluster)
-    adds `GET /_sbg/cluster`."""
+    """The admin listener's site; `status` adds `GET /_sbg/status`,
+    `cluster_status` (a node of a cluster) `GET /_sbg/cluster`."""
     root = resource.Resource()
     root.putChild(b"health", _Health(health or (lambda: (200, {"status": "ok"}))))
     root.putChild(b"metrics", _Metrics(metrics))
@@ -289,6 +292,8 @@ def admin_site(
     sbg.putChild(b"kill", KillSwitchResource(control, policy, token, engage=True))
     sbg.putChild(b"unkill", KillSwitchResource(control, policy, token, engage=False))
     if cluster_status is not None:
-        sbg.putChild(b"cluster", ClusterResource(cluster_status, token))
+        sbg.putChild(b"cluster", StatusResource(cluster_status, token))
+    if status is not None:
+        sbg.putChild(b"status", StatusResource(status, token))
     root.putChild(b"_sbg", sbg)
     return AdminSite(root, reactor)

@@ -1,4 +1,4 @@
-"""One audit record per request decision (contract section 8).
+"""One audit record per request decision (docs/decisions.md).
 
 Records go through the stdlib logger `sbg.audit` at INFO; `sbg.logsetup`
 renders them as text or as one JSON object per line. A record never holds a

@@ -1,4 +1,4 @@
-"""The `sbg` command: --version, check-config, keys fetch, ca init, kill, unkill."""
+"""The `sbg` command: --version, check-config, keys fetch, ca init, kill, unkill, status."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--direction", choices=("inbound", "outbound", "both"), default="both")
         if name == "kill":
             k.add_argument("--reason", help="why (recorded with the switch)")
+
+    st = sub.add_parser("status", help="what the running gateway is doing")
+    st.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    st.add_argument("--admin", help="http://HOST:PORT of the admin listener")
+    st.add_argument("--token-file", help="file holding the admin bearer token")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of text")
     return p
 
 
@@ -77,6 +83,17 @@ def main(
             from sbg.commands.ca_init import run as ca_init
 
             return int(ca_init(args.dir, out, err))
+        if args.command == "status":
+            from sbg.commands.status import run as status
+
+            return status(
+                config_path=args.config,
+                admin=args.admin,
+                token_file=args.token_file,
+                as_json=args.json,
+                out=out,
+                err=err,
+            )
         from sbg.commands.kill import run as kill
 
         return kill(

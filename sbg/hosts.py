@@ -158,3 +158,17 @@ def server_name_authority(server_name: str) -> tuple[str, int | None]:
 def format_authority(host: str, port: int | None) -> str:
     h = f"[{host}]" if ":" in host else host
     return h if port is None else f"{h}:{port}"
+
+
+def normalise_name(name: str) -> str:
+    """A host name or IP literal as sbg compares them: lower case, no brackets.
+
+    A trailing dot is removed; IP literals take their canonical text form.
+    """
+    host = name.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.rstrip(".")

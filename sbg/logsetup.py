@@ -136,7 +136,8 @@ class WriterHandler(logging.Handler):
         exc_text = None
         if record.exc_info:
             exc_text = logging.Formatter().formatException(record.exc_info)
-        fields = getattr(record, "sbg_audit", None)
+        # Structured fields: an audit record's, or another line's (`sbg.tls`).
+        fields = getattr(record, "sbg_audit", None) or getattr(record, "sbg_fields", None)
         self.writer.write(
             levelno=record.levelno,
             logger=record.name,

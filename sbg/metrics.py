@@ -1,4 +1,4 @@
-"""Prometheus metrics (contract section 8), in a registry of their own.
+"""Prometheus metrics (docs/metrics.md), in a registry of their own.
 
 Label values come only from the configuration (server names), from fixed
 sets (directions, groups, decisions, refusal codes) or `unknown`: never from
@@ -7,15 +7,18 @@ a Host header, an SNI or a path an attacker chose.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from sbg import __version__
+from sbg.tls.failures import LISTENERS, REASONS
 
 UNKNOWN = "unknown"
 # With `workers: N` these are the supervisor's own state; every other
@@ -137,7 +140,27 @@ class Metrics:
             "1 while the cluster's Redis answers this node, 0 while it is unreachable.",
             registry=None,
         )
-        self._request_children: dict[tuple[str, str, str, str], Any] = {}
+        self.last_request = Gauge(
+            "sbg_last_request_timestamp_seconds",
+            "When the last request of each decision was decided (Unix time), by direction "
+            "and external server.",
+            ["direction", "server", "decision"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.tls_failures = Counter(
+            "sbg_tls_handshake_failures",
+            "TLS handshakes that failed, by where (listener) and short reason code.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # The last-request gauges' children -> the time to set them to at
+        # the next `flush_last_requests` (a dict update per request).
+        self._last_requests: dict[Any, float] = {}
+        for listener in LISTENERS:
+            for reason in REASONS:
+                self.tls_failures.labels(listener, reason)
         for direction in ("inbound", "outbound"):
             self.inflight.labels(direction)
             self.duration.labels(direction)
@@ -147,27 +170,82 @@ class Metrics:
     def count_request(self, direction: str, server: str, group: str, decision: str) -> None:
         """`sbg_requests_total` += 1, with the labelled child cached: the label
         values come from the configuration and fixed sets, so the cache stays
-        as small as the metric itself."""
+        as small as the metric itself. The time is noted for
+        `sbg_last_request_timestamp_seconds` (`flush_last_requests`)."""
         key = (direction, server, group, decision)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
-        child.inc()
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(*key),
+                self.last_request.labels(direction, server, decision),
+            )
+        children[0].inc()
+        self._last_requests[children[1]] = time.time()
+
+    def flush_last_requests(self) -> None:
+        """Set `sbg_last_request_timestamp_seconds` to the times noted since
+        the last flush (every second, and before the gauge is read)."""
+        noted, self._last_requests = self._last_requests, {}
+        for child, ts in noted.items():
+            child.set(ts)
+
+    def count_tls_failure(self, listener: str, reason: str) -> None:
+        """`sbg_tls_handshake_failures_total` += 1."""
+        self.tls_failures.labels(listener, reason).inc()
+
+    def add_process_metrics(self) -> None:
+        """`process_*` of this process in the registry (one process serving
+        alone; a supervisor uses `ProcessesCollector`)."""
+        ProcessCollector(registry=self.registry)
 
     def enable_cluster(self) -> None:
         """Export `sbg_cluster_connected` (a node with a `cluster` block)."""
         self.registry.register(self.cluster_connected)
 
     def render(self) -> bytes:
+        self.flush_last_requests()
         return generate_latest(self.registry)
 
 
-class WorkersCollector:
-    """The supervisor's view: its own families plus the workers' summed."""
+class ProcessesCollector:
+    """`process_*` (CPU, memory, file descriptors, start time) of the
+    supervisor and of every worker, each series labelled `worker`
+    (`supervisor`, `0`, `1`, ...), read from /proc at each scrape:
+    prometheus_client's multiprocess mode does not collect them."""
 
-    def __init__(self, own: Metrics, directory: str) -> None:
+    def __init__(self, workers: Callable[[], Mapping[int, int]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        processes = [("supervisor", os.getpid())]
+        processes += [(str(index), pid) for index, pid in sorted(self._workers().items())]
+        merged: dict[str, Metric] = {}
+        for label, pid in processes:
+            one = ProcessCollector(pid=lambda pid=pid: pid, registry=None)  # type: ignore[misc]
+            for family in one.collect():
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type
+                    )
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, "worker": label}, sample.value)
+        yield from merged.values()
+
+
+class WorkersCollector:
+    """The supervisor's view: its own families plus the workers' summed,
+    and every process's `process_*`."""
+
+    def __init__(
+        self,
+        own: Metrics,
+        directory: str,
+        workers: Callable[[], Mapping[int, int]] | None = None,
+    ) -> None:
         self._own = own
         self._workers = MultiProcessCollector(None, path=directory)
+        self._processes = ProcessesCollector(workers or dict)
 
     def collect(self) -> Iterator[Metric]:
         own = {f.name: f for f in self._own.registry.collect()}
@@ -182,6 +260,7 @@ class WorkersCollector:
         for name, family in own.items():
             if name in SUPERVISOR_FAMILIES or (name in SHARED_FAMILIES and name not in seen):
                 yield family
+        yield from self._processes.collect()
 
     def render(self) -> bytes:
         registry = CollectorRegistry(auto_describe=False)

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 from sbg.audit import AuditLog
 from sbg.clients.keyfetch import KeyFetcher
+from sbg.cluster.joins import SharedJoins
 from sbg.config.model import Config, InternalHomeserver
 from sbg.hosts import parse_authority
 from sbg.http.budgets import BodyBudget, InflightBudget, RateLimiter
@@ -31,6 +32,7 @@ from sbg.metrics import Metrics
 from sbg.policy.snapshot import Policy
 from sbg.tls.ca import load_ca
 from sbg.tls.client import ClientTLSPolicy
+from sbg.tls.failures import HandshakeFailures
 from sbg.tls.mint import CertMinter
 from sbg.tls.server import SNIServerContextFactory, build_sni_server_context
 
@@ -58,12 +60,18 @@ class _InternalTLSEndpoint:
         self._ca = ca
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        tcp = HostnameEndpoint(self._reactor, self._host, self._port, timeout=CONNECT_TIMEOUT)
         try:
-            creator = self._tls.creator_for(self._host, [self._ca] if self._ca else None, "system")
+            tls = self._tls.endpoint(
+                tcp,
+                self._host,
+                [self._ca] if self._ca else None,
+                "system",
+                listener="inbound_upstream",
+            )
         except Exception:
             return defer.fail()
-        tcp = HostnameEndpoint(self._reactor, self._host, self._port, timeout=CONNECT_TIMEOUT)
-        return wrapClientTLS(creator, tcp).connect(protocolFactory)
+        return tls.connect(protocolFactory)
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,8 @@ class Runtime:
         self.killswitch = killswitch
         self.audit = audit
         self.metrics = metrics
-        self.client_tls = ClientTLSPolicy()
+        self.tls_failures = HandshakeFailures(metrics.count_tls_failure)
+        self.client_tls = ClientTLSPolicy(failures=self.tls_failures)
         # Idle connections close after 20 s, below the idle timeout of the
         # servers behind (Synapse: 60 s), so a request is not written to a
         # connection the server just closed.
@@ -135,11 +144,16 @@ class Runtime:
         self.inflight = InflightBudget()
         self.body_budget = BodyBudget(lambda: self.snapshot.policy.config.limits.max_buffered_bytes)
         self.rate_limiter = RateLimiter(reactor.seconds)
-        # Fetched signing keys outlive policy snapshots (contract 5.2).
+        # Fetched signing keys outlive policy snapshots.
         self.key_fetcher = KeyFetcher(reactor, self.client_tls)
         # The joins the internal homeservers prepared (make_join answered),
-        # shared by the workers of this node through state_dir.
-        self.prepared_joins = PreparedJoins(snapshot.policy.config.state_dir, clock=reactor.seconds)
+        # shared by the workers of this node through state_dir, and with a
+        # cluster block by the nodes through Redis (started with the service).
+        config = snapshot.policy.config
+        local = PreparedJoins(config.state_dir, clock=reactor.seconds)
+        self.prepared_joins: PreparedJoins | SharedJoins = (
+            local if config.cluster is None else SharedJoins(local, config.cluster, reactor)
+        )
 
     @property
     def policy(self) -> Policy:

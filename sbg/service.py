@@ -2,14 +2,15 @@
 
 `GatewayService` builds one listening port per (listener, bind address) of
 the configuration, all sharing one `Runtime`. SIGHUP re-reads the file and
-swaps the policy atomically (contract 6); SIGTERM stops accepting, lets the
-requests in flight finish for at most `shutdown_grace`, and stops the
-reactor so twistd exits 0.
+swaps the policy atomically (docs/configuration.md, "Reload and restart");
+SIGTERM stops accepting, lets the requests in flight finish for at most
+`shutdown_grace`, and stops the reactor so twistd exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Mapping
@@ -31,7 +32,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
@@ -39,7 +39,8 @@ from sbg import systemd
 from sbg.admin import admin_site
 from sbg.audit import AuditLog
 from sbg.certmetrics import update_certificate_expiry
-from sbg.cluster.wiring import control_for, health_for
+from sbg.cluster.joins import SharedJoins
+from sbg.cluster.wiring import control_for
 from sbg.config.load import load_config
 from sbg.config.model import Config, Listener
 from sbg.errors import ConfigErrors
@@ -47,7 +48,6 @@ from sbg.http.limits import LimitedFactory
 from sbg.http.pipeline import InflightTracker
 from sbg.http.site import BorderHTTPFactory
 from sbg.inbound.handler import InboundHandler
-from sbg.killswitch.control import LocalControl
 from sbg.killswitch.shared import SharedState
 from sbg.killswitch.state import Switch
 from sbg.killswitch.switch import KillSwitch
@@ -56,6 +56,8 @@ from sbg.outbound.proxy import OutboundProxyFactory
 from sbg.outbound.state import OutboundState
 from sbg.reasons import Reason
 from sbg.runtime import Runtime, Snapshot
+from sbg.status import StatusFacts, StatusState, build_status, publish_fetched_keys
+from sbg.tls.failures import ObservedTLSFactory
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ def read_reload(started: Config, metrics: Metrics, inbound_tls: bool) -> Snapsho
             logger.error("reload refused: %s", line)
         metrics.config_reloads.labels("failure").inc()
         return None
+    for line in new.warnings:
+        logging.getLogger("sbg.config").warning("%s", line)
     for label, attribute in RESTART_ONLY:
         if getattr(new, attribute) != getattr(started, attribute):
             logger.warning("%s changes need a restart; they were not applied", label)
@@ -148,13 +152,16 @@ class GatewayService(MultiService):
         install_signals: bool = True,
         adopted: Mapping[tuple[int, str], int] | None = None,
         killswitch_fd: int | None = None,
+        share_dir: str | None = None,
     ) -> None:
         """`adopted` makes this a worker of `workers: N` (sbg.supervisor):
         (listener index, bind address) -> the listening socket's file
         descriptor, inherited from the supervisor; admin listeners are the
-        supervisor's, and the kill switch is followed in the memory the
-        supervisor shares (`killswitch_fd`)."""
+        supervisor's, the kill switch is followed in the memory the
+        supervisor shares (`killswitch_fd`), and the fetched keys are
+        published for its status in `share_dir`."""
         super().__init__()
+        self.status_state = StatusState()
         self._adopted = adopted
         self.config = config
         self.reactor = reactor
@@ -164,14 +171,11 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.killswitch, tick = self._make_killswitch(config, killswitch_fd)
         self.killswitch.load()
-        # A worker follows its supervisor's switches: the supervisor holds
-        # the admin API and, with a cluster block, the link to Redis.
-        self.control, self.cluster = (
-            control_for(config, self.killswitch, reactor, self.metrics)
-            if adopted is None
-            else (LocalControl(self.killswitch), None)
-        )
-        self._ks_poll = LoopingCall(tick)
+        self.control, self.cluster = control_for(
+            config, self.killswitch, reactor, self.metrics, self.status_state.sections,
+            worker=adopted is not None,
+        )  # fmt: skip
+        self._ks_poll = LoopingCall(self._every_second, tick)
         self._ks_poll.clock = reactor
         self.tracker = InflightTracker()
         inbound_tls = any(li.type == "inbound" and li.tls for li in config.listeners)
@@ -179,6 +183,13 @@ class GatewayService(MultiService):
             reactor, Snapshot.build(config, inbound_tls), self.killswitch, AuditLog(), self.metrics
         )
         self.outbound = OutboundState(self.runtime, self.tracker)
+        if adopted is None:
+            self.metrics.add_process_metrics()
+        elif share_dir is not None:
+            fetcher = self.runtime.key_fetcher
+            fetcher.on_change = lambda: publish_fetched_keys(
+                share_dir, os.getpid(), fetcher.fetched()
+            )
         self.killswitch.on_change(self._killswitch_changed)
         self._killswitch_changed(self.killswitch.engaged)
         self._update_certificate_expiry(config)
@@ -250,8 +261,12 @@ class GatewayService(MultiService):
                 idle_timeout=self.config.inbound.idle_timeout,
             )
             if listener.tls:
-                http_factory = TLSMemoryBIOFactory(
-                    _SnapshotServerTLS(self.runtime), False, http_factory
+                http_factory = ObservedTLSFactory(
+                    _SnapshotServerTLS(self.runtime),
+                    False,
+                    http_factory,
+                    listener="inbound",
+                    failures=self.runtime.tls_failures,
                 )
             return self._limited(http_factory, "inbound")
         if listener.type == "outbound":
@@ -261,8 +276,9 @@ class GatewayService(MultiService):
             lambda: self.runtime.policy,
             lambda: self.runtime.policy.config.admin_token,
             self.metrics.render,
-            health=health_for(self.cluster),
+            health=self.health,
             reactor=self.reactor,
+            status=self.status,
             cluster_status=self.cluster.status if self.cluster is not None else None,
         )
 
@@ -294,6 +310,8 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if isinstance(self.runtime.prepared_joins, SharedJoins):
+            self.runtime.prepared_joins.start()
         self._ks_poll.start(1.0, now=False)
         if self._install_signals:
             self.reactor.callWhenRunning(
@@ -334,6 +352,7 @@ class GatewayService(MultiService):
         new = snapshot.policy.config
         self.outbound.reconfigure()
         self.config = new
+        self.status_state.config_reloaded()
         self._update_certificate_expiry(new)
         if self.cluster is not None:
             self.cluster.reconfigured(new.sha256)
@@ -342,6 +361,32 @@ class GatewayService(MultiService):
         self.metrics.config_reloads.labels("success").inc()
         logger.info("configuration reloaded from %s", new.path)
         return True
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`/health`: one process serving is `ok`; a node of a cluster adds
+        whether its Redis answers (`"cluster"`), which never makes it fail."""
+        body: dict[str, Any] = {"status": "ok"}
+        if self.cluster is not None:
+            body["cluster"] = self.cluster.cluster_state
+        return 200, body
+
+    def status(self) -> dict[str, Any]:
+        """The body of `GET /_sbg/status` (`sbg.status`)."""
+        state = self.status_state
+        self.metrics.flush_last_requests()
+        return build_status(
+            StatusFacts(
+                now=state.now(),
+                started=state.started,
+                config=self.runtime.policy.config,
+                config_loaded=state.config_loaded,
+                killswitch=self.killswitch.entries,
+                workers=None,
+                metrics=self.metrics.registry.collect(),
+                fetched_keys=self.runtime.key_fetcher.fetched(),
+                sections=state.sections,
+            )
+        )
 
     def graceful_shutdown(self) -> defer.Deferred[None]:
         """Stop accepting, drain for at most `shutdown_grace`, stop the reactor."""
@@ -379,6 +424,9 @@ class GatewayService(MultiService):
             self._ks_poll.stop()
         if self.cluster is not None:
             self.cluster.stop()
+        if isinstance(self.runtime.prepared_joins, SharedJoins):
+            self.runtime.prepared_joins.stop()
+        self.metrics.flush_last_requests()
         stopped = defer.maybeDeferred(super().stopService)
         self.outbound.close_all_tunnels()
         closing = [stopped, self.runtime.pool.closeCachedConnections(), self.outbound.close()]
@@ -387,6 +435,11 @@ class GatewayService(MultiService):
         closing += [limited.close_all(self.reactor) for limited in self._connections]
         d = defer.gatherResults(closing, consumeErrors=True)
         return d.addCallback(_discard)
+
+    def _every_second(self, tick: Callable[[], None]) -> None:
+        tick()
+        # With workers, how the request times reach the supervisor.
+        self.metrics.flush_last_requests()
 
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
         # A worker's supervisor reports the switches and certificates.

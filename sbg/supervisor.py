@@ -6,11 +6,12 @@ sbg.worker`) that inherit them: the kernel hands each new connection to
 one of the workers. Each worker is a whole `GatewayService` on the adopted
 sockets; the supervisor keeps what must be one for all of them:
 
-- the admin listener and the kill switch: a change is published in memory
-  the workers share before the admin call returns, and every worker reads
-  it before each decision, so a switch holds for the next request in every
-  process; with a `cluster` block, the supervisor is also the process that
-  follows and writes the switches in Redis (`sbg.cluster`);
+- the admin listener: the kill switch is written to `state_dir` and to the
+  memory the workers share with the supervisor before the admin call
+  returns, and every worker reads that memory before each decision, so a
+  switch holds for the next request in every process; with a `cluster`
+  block, the supervisor is also the process that follows and writes the
+  switches in Redis (`sbg.cluster`);
 - `/metrics`: the workers count into `PROMETHEUS_MULTIPROC_DIR`
   (`state_dir/metrics`, emptied at start) and the supervisor sums them;
 - signals: SIGHUP is checked here first (an invalid file is refused once,
@@ -18,7 +19,15 @@ sockets; the supervisor keeps what must be one for all of them:
   is passed on, and the supervisor exits 0 once every worker has drained;
 - the log: the workers' lines are written out through the supervisor's own
   output (stdout, `--logfile` or the journal);
-- a worker that dies is started again after a second.
+- a worker that dies is started again after a second;
+- `/health` and `GET /_sbg/status` (`health`, `status`): the workers'
+  request times come through the metric files, their fetched keys through
+  one small file each (`sbg.status`), their `process_*` from /proc.
+
+`/health` answers 503 `degraded` when a worker slot has had no process
+serving for more than `HEALTH_GRACE` seconds: a worker counts as serving
+once it has run for `STABLE_AFTER` seconds, so one restart (a second's
+delay) stays `ok`, and a worker that keeps dying at start does not.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from twisted.python.failure import Failure
 from sbg import systemd
 from sbg.admin import admin_site
 from sbg.certmetrics import update_certificate_expiry
-from sbg.cluster.wiring import control_for, health_for
+from sbg.cluster.wiring import control_for
 from sbg.config.model import Config
 from sbg.killswitch.shared import SharedState
 from sbg.killswitch.state import Switch
@@ -62,6 +71,13 @@ from sbg.service import (
     set_killswitch_gauge,
     tcp_server_endpoint,
 )
+from sbg.status import (
+    StatusFacts,
+    StatusState,
+    build_status,
+    forget_fetched_keys,
+    gather_fetched_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +87,10 @@ RESTART_DELAY = 1.0
 METRICS_DIR = "metrics"
 # First inherited socket in a worker: 0 is its lifeline, 1 and 2 its output.
 FIRST_SOCKET_FD = 3
+# /health: how long a worker slot may be without a serving process, and
+# how long a new process must have run to count as serving.
+HEALTH_GRACE = 5.0
+STABLE_AFTER = 2.0
 
 
 @dataclass
@@ -110,6 +130,7 @@ class _Worker(ProcessProtocol):
     def __init__(self, index: int, writer: LogWriter, ended: Callable[[_Worker], None]) -> None:
         self.index = index
         self.pid: int | None = None
+        self.started_at = 0.0
         self._writer = writer
         self._ended = ended
         self._buffers = {1: b"", 2: b""}
@@ -169,6 +190,7 @@ class SupervisorService(MultiService):
         self._log_observer = log_observer
         self._on_reconfigure = on_reconfigure
         self.metrics = Metrics()
+        self.status_state = StatusState()
         count = self.metrics.killswitch_errors
         # The workers follow the switches in this memory: nothing on disk
         # can lift one under them.
@@ -177,7 +199,9 @@ class SupervisorService(MultiService):
             config.state_dir, shared=self.shared, on_problem=lambda kind: count.labels(kind).inc()
         )
         self.killswitch.load()
-        self.control, self.cluster = control_for(config, self.killswitch, reactor, self.metrics)
+        self.control, self.cluster = control_for(
+            config, self.killswitch, reactor, self.metrics, self.status_state.sections
+        )
         self._ks_check = LoopingCall(self.killswitch.check_file)
         self._ks_check.clock = reactor
         self.killswitch.on_change(self._killswitch_changed)
@@ -188,17 +212,24 @@ class SupervisorService(MultiService):
         self._sockets: list[BoundSocket] = []
         self._workers: dict[int, _Worker] = {}
         self._restarts: dict[int, IDelayedCall] = {}
+        # Worker slot -> since when it has had no serving process.
+        self._down_since: dict[int, float] = {}
         self._stopping = False
         self._metrics_dir: str | None = None
         self._collector: WorkersCollector | None = None
         self._admin_ports: list[StreamServerEndpointService] = []
+        self._serve_admin(config)
+
+    def _serve_admin(self, config: Config) -> None:
+        """The admin listeners: the supervisor's own (the workers have none)."""
         site = admin_site(
             self.control,
             lambda: self.policy,
             lambda: self.policy.config.admin_token,
             self.render_metrics,
-            health=health_for(self.cluster),
-            reactor=reactor,
+            health=self.health,
+            reactor=self.reactor,
+            status=self.status,
             cluster_status=self.cluster.status if self.cluster is not None else None,
         )
         for listener in config.listeners:
@@ -206,7 +237,7 @@ class SupervisorService(MultiService):
                 continue
             for address in listener.bind_addresses:
                 svc = StreamServerEndpointService(
-                    tcp_server_endpoint(reactor, listener, address), site
+                    tcp_server_endpoint(self.reactor, listener, address), site
                 )
                 svc._raiseSynchronously = True
                 svc.setServiceParent(self)
@@ -238,8 +269,10 @@ class SupervisorService(MultiService):
         self._metrics_dir = os.path.join(self.config.state_dir, METRICS_DIR)
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
         os.makedirs(self._metrics_dir, mode=0o700)
-        self._collector = WorkersCollector(self.metrics, self._metrics_dir)
+        self._collector = WorkersCollector(self.metrics, self._metrics_dir, self.workers_by_index)
+        now = self.reactor.seconds()
         for index in range(self.config.workers):
+            self._down_since[index] = now
             self._spawn(index)
         self._ks_check.start(1.0, now=False)
         self.reactor.callWhenRunning(
@@ -297,6 +330,7 @@ class SupervisorService(MultiService):
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         worker.pid = transport.pid
+        worker.started_at = self.reactor.seconds()
         logger.info("worker %d started (pid %s)", index, worker.pid)
 
     def _worker_ended(self, worker: _Worker) -> None:
@@ -304,6 +338,12 @@ class SupervisorService(MultiService):
             del self._workers[worker.index]
         if worker.pid is not None and self._metrics_dir is not None:
             multiprocess.mark_process_dead(worker.pid, self._metrics_dir)
+            forget_fetched_keys(self._metrics_dir, worker.pid)
+        now = self.reactor.seconds()
+        if now - worker.started_at >= STABLE_AFTER or worker.index not in self._down_since:
+            # It was serving: the slot is down from now. (One that never
+            # got that far leaves the slot down since it last was up.)
+            self._down_since[worker.index] = now
         if self._stopping:
             logger.info("worker %d (pid %s) stopped", worker.index, worker.pid)
             return
@@ -319,6 +359,10 @@ class SupervisorService(MultiService):
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers.values() if w.pid is not None]
+
+    def workers_by_index(self) -> dict[int, int]:
+        """Worker index -> pid of its running process."""
+        return {i: w.pid for i, w in self._workers.items() if w.pid is not None}
 
     def _signal_workers(self, signum: int) -> None:
         for worker in list(self._workers.values()):
@@ -337,6 +381,7 @@ class SupervisorService(MultiService):
             return False
         self.policy = snapshot.policy
         new = self.config = snapshot.policy.config
+        self.status_state.config_reloaded()
         update_certificate_expiry(new, self.metrics)
         if self.cluster is not None:
             self.cluster.reconfigured(new.sha256)
@@ -401,6 +446,45 @@ class SupervisorService(MultiService):
         if self._collector is None:
             return self.metrics.render()
         return self._collector.render()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """`/health`: 200 `ok`, or 503 `degraded` (see the module docstring)."""
+        now = self.reactor.seconds()
+        degraded = False
+        for index in range(self.config.workers):
+            worker = self._workers.get(index)
+            if worker is not None and now - worker.started_at >= STABLE_AFTER:
+                continue
+            if now - self._down_since.get(index, now) > HEALTH_GRACE:
+                degraded = True
+        body = {
+            "status": "degraded" if degraded else "ok",
+            "workers": {"alive": len(self.workers_by_index()), "configured": self.config.workers},
+        }
+        if self.cluster is not None:
+            # Redis unreachable is not a degraded node: it serves, closed.
+            body["cluster"] = self.cluster.cluster_state
+        return (503 if degraded else 200), body
+
+    def status(self) -> dict[str, Any]:
+        """The body of `GET /_sbg/status` (`sbg.status`)."""
+        state = self.status_state
+        pids = self.workers_by_index()
+        directory = self._metrics_dir
+        families = self._collector.collect() if self._collector is not None else []
+        return build_status(
+            StatusFacts(
+                now=state.now(),
+                started=state.started,
+                config=self.policy.config,
+                config_loaded=state.config_loaded,
+                killswitch=self.killswitch.entries,
+                workers=(len(pids), self.config.workers),
+                metrics=families,
+                fetched_keys=gather_fetched_keys(directory, pids.values()) if directory else {},
+                sections=state.sections,
+            )
+        )
 
     def _killswitch_changed(self, engaged: frozenset[Switch]) -> None:
         set_killswitch_gauge(self.metrics, engaged)

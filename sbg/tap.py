@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import IO, Any
 
@@ -60,6 +61,8 @@ def makeService(options: usage.Options) -> IService:
         raise _fail([f"sbg: invalid configuration {e.path}:", *e.lines()]) from None
     writer = LogWriter(_log_stream(options), config.log_format, config.log_level)
     install_stdlib(writer)
+    for line in config.warnings:
+        logging.getLogger("sbg.config").warning("%s", line)
     try:
         if config.workers > 1:
             from sbg.supervisor import SupervisorService

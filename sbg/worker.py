@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         on_reconfigure=lambda c: writer.configure(c.log_format, c.log_level),
         adopted=_sockets(args.sockets),
         killswitch_fd=args.killswitch_fd,
+        share_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
     )
     service.privilegedStartService()
     service.startService()

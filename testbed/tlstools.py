@@ -120,8 +120,11 @@ def make_ca(
     *,
     parent: CertFiles | None = None,
     key_type: str = "ec",
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
 ) -> CertFiles:
-    """A CA as DIRECTORY/BASENAME.crt and .key: self-signed, or signed by `parent`."""
+    """A CA as DIRECTORY/BASENAME.crt and .key: self-signed, or signed by
+    `parent`; valid from a day ago for a year unless told otherwise."""
     os.makedirs(directory, exist_ok=True)
     key = _new_key(key_type)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -135,8 +138,8 @@ def make_ca(
         .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - _ONE_DAY)
-        .not_valid_after(_now() + 10 * _ONE_DAY)
+        .not_valid_before(not_before or _now() - _ONE_DAY)
+        .not_valid_after(not_after or _now() + 365 * _ONE_DAY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -177,8 +180,11 @@ def issue_cert(
     *,
     with_chain: bool = False,
     key_type: str = "ec",
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
 ) -> CertFiles:
-    """A TLS server certificate for the names/addresses, signed by `ca`."""
+    """A TLS server certificate for the names/addresses, signed by `ca`;
+    valid from a day ago for 90 days unless told otherwise."""
     os.makedirs(directory, exist_ok=True)
     ca_cert, ca_key = load_cert(ca.certificate), _load_key(ca.private_key)
     key = _new_key(key_type)
@@ -191,8 +197,8 @@ def issue_cert(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - _ONE_DAY)
-        .not_valid_after(_now() + 5 * _ONE_DAY)
+        .not_valid_before(not_before or _now() - _ONE_DAY)
+        .not_valid_after(not_after or _now() + 90 * _ONE_DAY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -11,8 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,7 +232,6 @@ async def wait_healthy(setup: Setup, proc: Process) -> None:
             )
         try:
             resp = await setup.admin("GET", "/health", token=False)
-            # A node of a cluster also says whether its Redis answers.
             if resp.status == 200 and resp.json().get("status") == "ok":
                 return
         except OSError:
@@ -274,25 +272,3 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
-
-
-@asynccontextmanager
-async def only(pids: dict[int, int], index: int) -> AsyncIterator[None]:
-    """Only worker `index` accepts connections meanwhile (the others stopped)."""
-    stopped = [pid for i, pid in pids.items() if i != index]
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-
-
-async def each_worker(proc: Process, check: Callable[[int], Awaitable[None]]) -> None:
-    """Run `check` against each worker of `proc` in turn, the others stopped."""
-    pids = worker_pids(proc)
-    assert len(pids) == WORKERS, proc.output()
-    for index in sorted(pids):
-        async with only(pids, index):
-            await check(index)

@@ -1,4 +1,4 @@
-"""The admin listener (contract 6): token, kill-switch API, and its effects.
+"""The admin listener (docs/decisions.md): token, kill-switch API, and its effects.
 
 sbg runs in-process on real loopback sockets; the admin API is called with
 raw HTTP, the way an operator's curl or an attacker on the monitoring

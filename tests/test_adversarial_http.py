@@ -1,5 +1,4 @@
-"""HTTP framing attacks on the inbound listener and inside outbound tunnels
-(issue 8, part 2).
+"""HTTP framing attacks on the inbound listener and inside outbound tunnels.
 
 Each attack is written byte by byte over real TLS. The outcome must be a
 refusal, or a safe handling, and never an ambiguous forward: a request the
@@ -108,7 +107,7 @@ class FramingAttacks:
 
     def assert_bodiless_put(self, side: Side, reply: Reply) -> None:
         """A transaction that arrived without a body: inbound refuses it
-        (row 8); outbound does not read bodies and may forward it, empty."""
+        (inbound step 13); outbound does not read bodies and may forward it, empty."""
         t: Any = self
         if side.direction == "inbound" or reply.status == 400:
             t.assertEqual(reply.status, 400, reply.body)

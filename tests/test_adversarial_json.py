@@ -1,10 +1,10 @@
-"""JSON bodies through the real inbound listener (issue 8, part 3).
+"""JSON bodies through the real inbound listener.
 
 A body that two JSON readers could read differently, or that Synapse's
-reader refuses, gets 400 `M_NOT_JSON` (contract 5.1 row 8) before any
-signature work: the attacker signs the object Synapse would see (for a
-duplicate key, the last value wins), and the answer is still 400, not the
-401 of row 9, and nothing reaches the upstream. Legal oddities (floats,
+reader refuses, gets 400 `M_NOT_JSON` (docs/decisions.md, inbound step
+17): the attacker signs the object Synapse would see (for a duplicate key,
+the last value wins), and the answer is still 400, not the 401 of a bad
+signature (step 16), and nothing reaches the upstream. Legal oddities (floats,
 large integers, escapes, nesting up to the limit) are forwarded
 byte-identical.
 """

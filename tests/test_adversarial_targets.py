@@ -1,4 +1,4 @@
-"""Parser differentials through the real inbound listener (issue 8, part 1).
+"""Parser differentials through the real inbound listener.
 
 Hypothesis builds raw request targets and X-Matrix headers; each one is sent
 over real TLS to sbg's inbound listener with a valid signature over exactly
@@ -6,7 +6,8 @@ those bytes. Whatever sbg forwards must reach the stand-in upstream
 byte-identical and must route, the way Synapse routes (anchored regexes with
 `[^/]*` parameters on the raw path, then `urllib.parse.unquote` of each
 captured parameter), to exactly the endpoint and parameters sbg matched;
-whatever else is sent must be refused with the contract's status and never
+whatever else is sent must be refused with the status of docs/decisions.md,
+inbound step 5, and never
 reach the upstream.
 
 The trust level admits every group and strict origin checks are off, so the
@@ -100,7 +101,8 @@ def forwarded(resp: RawResponse) -> bool:
     return resp.header(b"X-Standin") == b"yes"
 
 
-# Bytes the HTTP parser itself may refuse with a bare 400 (contract 4).
+# Bytes the HTTP parser itself may refuse with a bare 400 (docs/decisions.md,
+# inbound step 3).
 _PARSER_REFUSES = re.compile(b"[\x00-\x20\x7f-\xff]")
 
 
@@ -228,7 +230,7 @@ def well_formed(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return method, ("/".join(segs) + draw(_queries)).encode("ascii")
 
 
-# The troublemakers of issue 8: dot segments (plain, encoded, overlong
+# The usual troublemakers: dot segments (plain, encoded, overlong
 # UTF-8), `//`, `;` parameters, `#`, `+`, encoded separators, double
 # encoding, raw and encoded non-ASCII, NUL, backslashes.
 _NASTY = [

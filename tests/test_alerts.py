@@ -20,13 +20,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from sbg.matrix.groups import GROUPS
 from sbg.metrics import Metrics
 from sbg.reasons import REFUSAL_CODES
+from sbg.tls.failures import LISTENERS as TLS_LISTENERS
+from sbg.tls.failures import REASONS as TLS_REASONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = os.path.join(ROOT, "conf", "prometheus-alerts.yml")
 
 # Label -> the values sbg gives it, for the labels with a fixed set.
 FIXED_VALUES: dict[str, frozenset[str]] = {
-    "reason": REFUSAL_CODES | frozenset({"connect", "dns", "tls", "timeout", "protocol"}),
+    "reason": REFUSAL_CODES
+    | frozenset({"connect", "dns", "tls", "timeout", "protocol"})
+    | frozenset(TLS_REASONS),
+    "listener": frozenset(TLS_LISTENERS),
     "group": frozenset(GROUPS) | {"unknown"},
     "decision": frozenset({"allow", "deny", "would_deny"}),
     "direction": frozenset({"inbound", "outbound", "both"}),
@@ -118,6 +123,7 @@ class AlertRulesTests(SynchronousTestCase):
             "sbg_refusals_total",
             "sbg_upstream_errors_total",
             "sbg_config_reloads_total",
+            "sbg_tls_handshake_failures_total",
         ):
             self.assertIn(needed, metrics_used)
         per_partner = [r for r in self.rules if "sbg_refusals_total" in r["expr"]]

@@ -144,6 +144,27 @@ class RatioTests(SynchronousTestCase):
         self.assertEqual(lines[-2], "")  # else Markdown reads the line as a table row
         self.assertEqual(lines[-1], "sbg / sbg@abc1234: req/s 2.000, CPU µs/req 0.500, p50 1.000")
 
+    def test_instructions_per_request_and_their_ratio(self) -> None:
+        workload = run.Workload("W3", "t", "tunnel", 1, targets=("sbg", run.BASE))
+        result = {"duration_us": 1e6, "bytes": 0, "p50_us": 1000, "p99_us": 2000, "cpu_s": 0.5}
+        text = run.table(
+            workload,
+            {
+                "sbg": [dict(result, requests=1000, instructions=2_100_000_000)],
+                run.BASE: [dict(result, requests=500, instructions=1_000_000_000)],
+            },
+            "sbg@abc1234",
+        )
+        self.assertIn(
+            "Instructions per request (callgrind): sbg 2,100,000, sbg@abc1234 2,000,000", text
+        )
+        self.assertTrue(text.splitlines()[-1].endswith("instructions/req 1.050"))
+
+    def test_no_instruction_figures_without_callgrind(self) -> None:
+        workload = run.Workload("W3", "t", "tunnel", 1, targets=("sbg",))
+        result = {"duration_us": 1e6, "bytes": 0, "p50_us": 1, "p99_us": 2, "requests": 10}
+        self.assertNotIn("nstructions", run.table(workload, {"sbg": [result]}))
+
 
 class BaselineTests(SynchronousTestCase):
     def test_resolve_refuses_an_unknown_revision(self) -> None:

@@ -1,4 +1,4 @@
-"""The configuration loader: every rule of contract section 3, with its key path."""
+"""The configuration loader: every rule of docs/configuration.md, with its key path."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class ValidConfigTests(ConfigTestCase):
         self.assertIn("public_rooms", levels["partner"].inbound)
         self.assertNotIn("public_rooms", levels["external"].inbound)
 
-    def test_defaults_are_the_contracts(self) -> None:
+    def test_defaults_are_the_documented_ones(self) -> None:
         text = yaml.safe_dump(
             {
                 "listeners": [{"type": "inbound", "port": 8448}, {"type": "admin", "port": 9000}],
@@ -226,7 +226,7 @@ class UnknownKeyTests(ConfigTestCase):
 
 
 class RoomSettingsTests(ConfigTestCase):
-    """Each trust level's `rooms:` block (the room rules of contract section 13)."""
+    """Each trust level's `rooms:` block (the room rules of docs/room-rules.md)."""
 
     def test_absent_is_the_v1_profile(self) -> None:
         levels = {t.name: t for t in self.load().trust_levels}

@@ -1,4 +1,4 @@
-"""The endpoint table and the request-target matcher (contract section 4)."""
+"""The endpoint table and the request-target matcher (docs/endpoints.md)."""
 
 import re
 from pathlib import Path
@@ -238,7 +238,7 @@ EXPECTED_GROUPS = {
     "policy_sign_unstable": "policy",
 }
 
-# The endpoints without X-Matrix (contract 5.1): discovery, keys, key_query,
+# The endpoints without X-Matrix (docs/decisions.md, inbound step 8): discovery, keys, key_query,
 # openid, 3pid/onbind, legacy_media.
 UNAUTHENTICATED = {
     "well_known_server",

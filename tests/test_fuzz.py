@@ -1,4 +1,4 @@
-"""Fuzzers for sbg's parsers of attacker-controlled bytes (issue 8, part 3).
+"""Fuzzers for sbg's parsers of attacker-controlled bytes.
 
 Each parser may only ever refuse with its own refusal exception (never
 crash: a crash is a 500 at best), and whatever it accepts is checked
@@ -95,7 +95,8 @@ def _floats(value: Any) -> Any:
 
 
 def strict_reading(body: bytes) -> dict[str, Any] | None:
-    """An independent reading of contract 5.1 row 8: the object, or None."""
+    """An independent reading of docs/decisions.md, inbound step 17: the
+    object, or None."""
     if body[:3] == b"\xef\xbb\xbf":
         return None
     try:

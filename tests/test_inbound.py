@@ -1,4 +1,4 @@
-"""Inbound: contract 5.1 row by row, from the attacker's side.
+"""Inbound: the steps of docs/decisions.md, one by one, from the attacker's side.
 
 sbg runs in-process on real loopback sockets with real TLS (its inbound
 listener presents the internal homeserver's certificate); the upstream is a
@@ -9,12 +9,14 @@ audit decision *and* that the stand-in received nothing.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from signedjson.key import generate_signing_key
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER
+from testbed.configtools import INTERNAL_HOST, INTERNAL_SERVER, PARTNER_SERVER, Material
+from testbed.tlstools import issue_cert
 from tests.asynctest import TestCase
 from tests.gateway import assert_refused, start_gateway
 from tests.inbound_requests import TXN, txn_body
@@ -114,14 +116,15 @@ class AllowedTests(TestCase):
 
 
 class RefusalTests(TestCase):
-    """One test per row of contract 5.1."""
+    """One test per refusing step of the inbound order (docs/decisions.md),
+    named by its step."""
 
-    async def test_row1_unknown_host(self) -> None:
+    async def test_step4_unknown_host(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), host=b"matrix.elsewhere.example")
         assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
-    async def test_row1_no_host(self) -> None:
+    async def test_step4_no_host(self) -> None:
         gw = await start_gateway(self)
         headers = [
             h
@@ -131,32 +134,30 @@ class RefusalTests(TestCase):
         req = build_request(b"GET", b"/_matrix/federation/v1/version", headers, version=b"HTTP/1.0")
         assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
-    async def test_row1_server_name_host_is_discovery_only(self) -> None:
+    async def test_step5_server_name_host_is_discovery_only(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), host=INTERNAL_SERVER.encode())
         assert_refused(self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_host")
 
-    async def test_row1_sni_names_another_internal_server(self) -> None:
-        gw = await start_gateway(
-            self,
-            lambda m: {
+    async def test_step4_sni_names_another_internal_server(self) -> None:
+        def other(m: Material) -> dict[str, Any]:
+            tls = issue_cert(m.internal_ca, m.directory, "other", ["matrix.other.example"])
+            return {
                 "internal_homeservers[1]": {
                     "server_name": "other.example",
                     "federation_hosts": ["matrix.other.example"],
                     "upstream": "http://127.0.0.1:9",
-                    "tls": {
-                        "certificate": m.internal_tls.certificate,
-                        "private_key": m.internal_tls.private_key,
-                    },
+                    "tls": {"certificate": tls.certificate, "private_key": tls.private_key},
                 },
-            },
-        )
+            }
+
+        gw = await start_gateway(self, other)
         req = gw.signed_request("PUT", TXN, txn_body())
         # Domain fronting: TLS for one internal server, Host for another.
         resp = await gw.inbound(req, sni="matrix.other.example", check_hostname=False)
         assert_refused(self, gw, resp, 404, "M_UNRECOGNIZED", code="sni_mismatch")
 
-    async def test_row2_unknown_endpoint(self) -> None:
+    async def test_step5_unknown_endpoint(self) -> None:
         gw = await start_gateway(self)
         target = b"/_synapse/admin/v1/users"
         assert_refused(
@@ -168,7 +169,7 @@ class RefusalTests(TestCase):
             code="unknown_endpoint",
         )
 
-    async def test_row2_wrong_method(self) -> None:
+    async def test_step5_wrong_method(self) -> None:
         gw = await start_gateway(self)
         assert_refused(
             self,
@@ -179,7 +180,7 @@ class RefusalTests(TestCase):
             code="method_not_allowed",
         )
 
-    async def test_row2_path_traversal(self) -> None:
+    async def test_step5_path_traversal(self) -> None:
         gw = await start_gateway(self)
         for target in (
             b"/_matrix/federation/v1/send/../../../_synapse/admin/v1/users",
@@ -189,7 +190,7 @@ class RefusalTests(TestCase):
             resp = await gw.inbound(gw.signed_request("GET", target))
             assert_refused(self, gw, resp, 400, "M_UNRECOGNIZED", code="malformed_target")
 
-    async def test_row2_query_string_is_not_part_of_the_match(self) -> None:
+    async def test_step5_query_string_is_not_part_of_the_match(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/client/v3/login?x=/_matrix/key/v2/server"
         req = build_request(b"GET", target, [(b"Host", INTERNAL_HOST.encode())])
@@ -197,7 +198,7 @@ class RefusalTests(TestCase):
             self, gw, await gw.inbound(req), 404, "M_UNRECOGNIZED", code="unknown_endpoint"
         )
 
-    async def test_row3_global_kill_switch(self) -> None:
+    async def test_step6_global_kill_switch(self) -> None:
         gw = await start_gateway(self)
         gw.service.killswitch.engage(None, "inbound")
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
@@ -206,13 +207,13 @@ class RefusalTests(TestCase):
         req = build_request(b"GET", b"/_matrix/key/v2/server", [(b"Host", INTERNAL_HOST.encode())])
         assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="killswitch")
 
-    async def test_row4_missing_authorization(self) -> None:
+    async def test_step9_missing_authorization(self) -> None:
         gw = await start_gateway(self)
         body = json.dumps(txn_body()).encode()
         req = build_request(b"PUT", TXN, [(b"Host", INTERNAL_HOST.encode())], body)
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="missing_auth")
 
-    async def test_row4_two_authorization_headers(self) -> None:
+    async def test_step9_two_authorization_headers(self) -> None:
         gw = await start_gateway(self)
         content = txn_body()
         headers = gw.signed_headers("PUT", TXN, content)
@@ -222,7 +223,7 @@ class RefusalTests(TestCase):
         req = build_request(b"PUT", TXN, headers, json.dumps(content).encode())
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="multiple_auth")
 
-    async def test_row4_malformed_authorization(self) -> None:
+    async def test_step9_malformed_authorization(self) -> None:
         gw = await start_gateway(self)
         headers = [
             (b"Host", INTERNAL_HOST.encode()),
@@ -233,7 +234,7 @@ class RefusalTests(TestCase):
             self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="malformed_auth"
         )
 
-    async def test_row5_unknown_origin(self) -> None:
+    async def test_step10_unknown_origin(self) -> None:
         gw = await start_gateway(self)
         evil_key = generate_signing_key("evil")
         req = gw.signed_request(
@@ -242,30 +243,30 @@ class RefusalTests(TestCase):
         assert_refused(self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="unknown_origin")
         self.assertEqual(gw.last_audit()["origin"], "evil.example")
 
-    async def test_row5_disabled_origin(self) -> None:
+    async def test_step10_disabled_origin(self) -> None:
         gw = await start_gateway(self, {"external_homeservers[0].enabled": False})
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
         assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="unknown_origin")
 
-    async def test_row5_killed_origin(self) -> None:
+    async def test_step10_killed_origin(self) -> None:
         gw = await start_gateway(self)
         gw.service.killswitch.engage(PARTNER_SERVER, "inbound")
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
         assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="killswitch")
 
-    async def test_row5_source_ips(self) -> None:
+    async def test_step10_source_ips(self) -> None:
         gw = await start_gateway(self, {"external_homeservers[0].source_ips": ["192.0.2.0/24"]})
         resp = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
         assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="source_ip")
 
-    async def test_row6_wrong_destination(self) -> None:
+    async def test_step11_wrong_destination(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), destination="other.example")
         assert_refused(
             self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_destination"
         )
 
-    async def test_row6_missing_destination(self) -> None:
+    async def test_step11_missing_destination(self) -> None:
         gw = await start_gateway(self)
         content = txn_body()
         headers = gw.signed_headers("PUT", TXN, content)
@@ -277,14 +278,14 @@ class RefusalTests(TestCase):
             self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_destination"
         )
 
-    async def test_row7_body_too_large(self) -> None:
+    async def test_step13_body_too_large(self) -> None:
         gw = await start_gateway(self, {"inbound.max_body_size": "1K"})
         content = txn_body()
         content["padding"] = "x" * 2000
         resp = await gw.inbound(gw.signed_request("PUT", TXN, content))
         assert_refused(self, gw, resp, 413, "M_TOO_LARGE", code="body_too_large")
 
-    async def test_row7_chunked_body_too_large(self) -> None:
+    async def test_step14_chunked_body_too_large(self) -> None:
         gw = await start_gateway(self, {"inbound.max_body_size": "1K"})
         content = txn_body()
         content["padding"] = "x" * 5000
@@ -300,7 +301,7 @@ class RefusalTests(TestCase):
         req = build_request(b"PUT", TXN, headers, chunked, content_length=False)
         assert_refused(self, gw, await gw.inbound(req), 413, "M_TOO_LARGE", code="body_too_large")
 
-    async def test_row8_duplicate_keys(self) -> None:
+    async def test_step17_duplicate_keys(self) -> None:
         # The origin's own key signed these very bytes, duplicate and all:
         # the signature holds, the strict parse refuses.
         gw = await start_gateway(self)
@@ -310,7 +311,7 @@ class RefusalTests(TestCase):
         assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON", code="bad_json")
         self.assertEqual(gw.last_audit()["code"], "bad_json")
 
-    async def test_row9_before_row8_duplicate_keys_under_a_forged_signature(self) -> None:
+    async def test_step16_before_step17_duplicate_keys_under_a_forged_signature(self) -> None:
         # The signature is checked over the body as received before the
         # strict parse: a body nobody signed is refused for its signature
         # (Synapse, reading the last duplicate, would not verify it either).
@@ -322,20 +323,20 @@ class RefusalTests(TestCase):
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
         self.assertEqual(gw.last_audit()["code"], "bad_signature")
 
-    async def test_row8_not_json(self) -> None:
+    async def test_step17_not_json(self) -> None:
         gw = await start_gateway(self)
         headers = gw.signed_headers("PUT", TXN, {"a": 1})
         req = build_request(b"PUT", TXN, headers, b'{"a": NaN}')
         assert_refused(self, gw, await gw.inbound(req), 400, "M_NOT_JSON", code="bad_json")
 
-    async def test_row9_forged_signature(self) -> None:
+    async def test_step16_forged_signature(self) -> None:
         gw = await start_gateway(self)
         version = gw.material.partner_key_id.split(":")[1]
         forger = generate_signing_key(version)  # same key id, other key
         req = gw.signed_request("PUT", TXN, txn_body(), signing_key=forger)
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
-    async def test_row9_tampered_body(self) -> None:
+    async def test_step16_tampered_body(self) -> None:
         gw = await start_gateway(self)
         content = txn_body()
         headers = gw.signed_headers("PUT", TXN, content)
@@ -343,26 +344,26 @@ class RefusalTests(TestCase):
         req = build_request(b"PUT", TXN, headers, json.dumps(content).encode())
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
-    async def test_row9_tampered_query(self) -> None:
+    async def test_step16_tampered_query(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/federation/v1/state_ids/%21r%3Ainternal.example?event_id=%24a"
         headers = gw.signed_headers("GET", target)
         req = build_request(b"GET", target + b"b", headers)
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="bad_signature")
 
-    async def test_row9_unknown_key_id(self) -> None:
+    async def test_step12_unknown_key_id(self) -> None:
         gw = await start_gateway(self)
         req = gw.signed_request("PUT", TXN, txn_body(), signing_key=generate_signing_key("rotated"))
         assert_refused(self, gw, await gw.inbound(req), 401, "M_UNAUTHORIZED", code="unknown_key")
 
-    async def test_row10_group_not_in_trust_level(self) -> None:
+    async def test_step19_group_not_in_trust_level(self) -> None:
         gw = await start_gateway(self)
         target = b"/_matrix/federation/v1/publicRooms"
         resp = await gw.inbound(gw.signed_request("GET", target))
         assert_refused(self, gw, resp, 403, "M_FORBIDDEN", code="group_not_allowed")
         self.assertIn("public_rooms", resp.json()["error"])
 
-    async def test_row10_unauthenticated_group_no_level_allows(self) -> None:
+    async def test_step8_unauthenticated_group_no_level_allows(self) -> None:
         gw = await start_gateway(self)
         req = build_request(
             b"POST",
@@ -374,7 +375,7 @@ class RefusalTests(TestCase):
             self, gw, await gw.inbound(req), 403, "M_FORBIDDEN", code="group_not_allowed"
         )
 
-    async def test_row11_origin_speaks_for_an_internal_user(self) -> None:
+    async def test_step20_origin_speaks_for_an_internal_user(self) -> None:
         gw = await start_gateway(self)
         content = txn_body()
         content["edus"] = [

@@ -10,7 +10,6 @@ make_join then send_join passes.
 from __future__ import annotations
 
 import os
-import urllib.parse
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,21 +25,8 @@ from sbg.reasons import JOIN_NOT_PREPARED
 from testbed.configtools import INTERNAL_SERVER, PARTNER_SERVER
 from tests.asynctest import TestCase
 from tests.gateway import assert_refused, start_gateway
+from tests.joins_requests import BOB, ROOM, make_join_target, member_event, send_join_target
 from tests.standin import StandinState
-
-ROOM = "!room:internal.example"
-BOB = f"@bob:{PARTNER_SERVER}"
-
-
-def member_event(sender: str = BOB, room: str = ROOM) -> dict[str, Any]:
-    return {
-        "type": "m.room.member",
-        "room_id": room,
-        "sender": sender,
-        "state_key": sender,
-        "content": {"membership": "join"},
-        "origin_server_ts": 1700000000000,
-    }
 
 
 class DecisionTests(SynchronousTestCase):
@@ -139,16 +125,6 @@ class StoreTests(SynchronousTestCase):
             store.record(key)
         with self.assertLogs("sbg.joins.store", "ERROR"):
             self.assertTrue(store.prepared(key))
-
-
-def make_join_target(room: str = ROOM, user: str = BOB) -> bytes:
-    q = urllib.parse.quote
-    return f"/_matrix/federation/v1/make_join/{q(room, safe='')}/{q(user, safe='')}?ver=12".encode()
-
-
-def send_join_target(room: str = ROOM) -> bytes:
-    q = urllib.parse.quote
-    return f"/_matrix/federation/v2/send_join/{q(room, safe='')}/%24event".encode()
 
 
 class GatewayTests(TestCase):

@@ -1,4 +1,4 @@
-"""Strict JSON request bodies (contract 5.1 row 8)."""
+"""Strict JSON request bodies (docs/decisions.md, inbound step 17)."""
 
 from __future__ import annotations
 

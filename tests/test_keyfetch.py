@@ -1,4 +1,4 @@
-"""Fetched signing keys (contract 5.2, `key_fetch: fetch`).
+"""Fetched signing keys (`key_fetch: fetch`; docs/decisions.md, inbound step 15).
 
 A stand-in key server (twisted.web over real TLS on 127.0.0.1, certificate
 from a test CA) serves a self-signed `/_matrix/key/v2/server` and can rotate
@@ -362,7 +362,7 @@ class FetcherTests(TestCase):
 
 
 class InboundFetchTests(TestCase):
-    """Through the real inbound listener: row 9 with `key_fetch: fetch`."""
+    """Through the real inbound listener: steps 12, 15 and 16 with `key_fetch: fetch`."""
 
     @deferred_test
     async def test_unknown_key_fetched_once_then_verified_and_kept_across_reload(self) -> None:

@@ -1,4 +1,4 @@
-"""Pinned and fetched server keys (contract 5.2)."""
+"""Pinned and fetched server keys (docs/configuration.md, `verify_keys`, `key_fetch`)."""
 
 from __future__ import annotations
 

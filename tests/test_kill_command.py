@@ -6,43 +6,14 @@ which runs the gateway, can answer it.
 
 from __future__ import annotations
 
-import io
 import os
 import socket
-from typing import Any
 
-from twisted.internet import threads
-
-from sbg.cli import main
-from testbed.configtools import DELETE, PARTNER_SERVER, write_config
+from testbed.configtools import DELETE, PARTNER_SERVER
 from tests.asynctest import TestCase
-from tests.gateway import Gateway, start_gateway
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
-async def sbg(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    status = await threads.deferToThread(main, list(argv), out, err)
-    return int(status), out.getvalue(), err.getvalue()
-
-
-def cli_config(gw: Gateway, overrides: dict[str, Any] | None = None) -> str:
-    """A configuration file naming the running gateway's admin port."""
-    all_overrides: dict[str, Any] = {
-        "internal_homeservers[0].upstream": f"http://127.0.0.1:{gw.upstream.port}",
-        "listeners[2].port": gw.ports["admin"],
-    }
-    all_overrides.update(overrides or {})
-    return write_config(
-        gw.material.directory, all_overrides, material=gw.material, filename="cli.yaml"
-    )
+from tests.commands import cli_config, sbg, set_environment
+from tests.gateway import start_gateway
+from tests.processes import free_port
 
 
 def write_file(test: TestCase, text: str) -> str:
@@ -248,19 +219,10 @@ class ProxyEnvironmentTests(TestCase):
         config = cli_config(gw)
         proxy = _RecordingProxy()
         self.addCleanup(proxy.sock.close)
-        saved = {k: os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY")}
-        os.environ["http_proxy"] = os.environ["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.port}"
-        os.environ.pop("no_proxy", None)
-        os.environ.pop("NO_PROXY", None)
-
-        def restore() -> None:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-        self.addCleanup(restore)
+        address = f"http://127.0.0.1:{proxy.port}"
+        set_environment(
+            self, {"http_proxy": address, "HTTP_PROXY": address, "no_proxy": None, "NO_PROXY": None}
+        )
         status, out, err = await sbg("kill", "-c", config, "--reason", "drill")
         self.assertEqual((status, err), (0, ""))
         self.assertIn("(reason: drill)", out)

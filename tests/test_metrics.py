@@ -1,4 +1,4 @@
-"""Metrics (contract 8), scraped from the admin listener's `/metrics`.
+"""Metrics (docs/metrics.md), scraped from the admin listener's `/metrics`.
 
 sbg runs in-process on real loopback sockets (tests.gateway); requests are
 sent over real TLS, then `/metrics` is fetched from the admin listener and
@@ -116,10 +116,10 @@ class RequestMetricsTests(TestCase):
         gw = await start_gateway(self)
         ok = await gw.inbound(gw.signed_request("PUT", TXN, txn_body()))
         self.assertEqual(ok.status, 200)
-        # Row 10: publicRooms is not in the `external` trust level.
+        # Step 19: publicRooms is not in the `external` trust level.
         denied = await gw.inbound(gw.signed_request("GET", b"/_matrix/federation/v1/publicRooms"))
         self.assertEqual(denied.status, 403)
-        # Row 9: a key the origin does not own.
+        # Step 12: a key the origin does not own.
         forged = gw.signed_request(
             "PUT",
             TXN + b"2",
@@ -127,7 +127,7 @@ class RequestMetricsTests(TestCase):
             signing_key=generate_signing_key(gw.material.partner_key_id.split(":")[1]),
         )
         self.assertEqual((await gw.inbound(forged)).status, 401)
-        # Row 2, before the origin is known.
+        # Step 5, before the origin is known.
         unknown = await gw.inbound(gw.signed_request("GET", b"/_synapse/admin/v1/users"))
         self.assertEqual(unknown.status, 404)
 
@@ -443,6 +443,23 @@ class CertificateExpiryUnitTests(TestCase):
             [r[0] for r in configured_certificates(config)],
             ["inbound_tls", "tls_ca", "outbound_ca"],
         )
+
+
+class ProcessMetricsTests(TestCase):
+    async def test_one_process_exports_its_own(self) -> None:
+        gw = await start_gateway(self)
+        samples = await scrape(self, gw)
+        rss = value(samples, "process_resident_memory_bytes")
+        assert rss is not None
+        with open("/proc/self/statm", encoding="ascii") as f:
+            mine = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        # This process's own figure (the gateway runs in it), no label.
+        self.assertLess(abs(rss - mine), 32 * 1024 * 1024)
+        for name in ("process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"):
+            found = value(samples, name)
+            self.assertIsNotNone(found, name)
+            assert found is not None
+            self.assertGreater(found, 0, name)
 
 
 def _sleep(seconds: float) -> defer.Deferred[None]:

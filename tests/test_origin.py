@@ -1,4 +1,4 @@
-"""Origin consistency (contract 5.3), from the attacker's side."""
+"""Origin consistency (docs/decisions.md, inbound step 20), from the attacker's side."""
 
 from __future__ import annotations
 
@@ -443,7 +443,7 @@ class OriginTests(SynchronousTestCase):
         from sbg.matrix.endpoints import ENDPOINTS
 
         table = {e.name for e in ENDPOINTS}
-        # Every endpoint contract 5.3 names has a rule under its table name.
+        # Every endpoint inbound step 20 names has a rule under its table name.
         for name in ("send", "make_join", "make_leave", "make_knock", "send_knock", "invite_v2"):
             self.assertIn(name, table)
         for v1 in ("send_join", "send_leave", "invite"):

@@ -1,4 +1,4 @@
-"""Outbound: contract 7 from the attacker's side, over real sockets and TLS.
+"""Outbound: docs/decisions.md, outbound steps, from the attacker's side, over real sockets and TLS.
 
 The internal homeserver's side is played by a raw client that sends
 `CONNECT` to sbg's outbound listener, then TLS inside the tunnel (trusting

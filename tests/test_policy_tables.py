@@ -1,10 +1,11 @@
 """The decision orders as tables: facts in, decision and reason code out.
 
-One row per check of the inbound order (`docs/decisions.md`, rows 1-11 and
-origin consistency) and of the outbound order (rows 1-7), run against the
-pure deciders of `sbg.policy` with a configuration built in memory: no
-sockets, no Twisted, no clock. The listener-level tests prove the wiring;
-these prove the decisions, row by row.
+One row per check of the inbound order (`docs/decisions.md`, inbound steps
+4-21) and of the outbound order (outbound steps 3-19), each labelled with
+its step, run against the pure deciders of `sbg.policy` with a
+configuration built in memory: no sockets, no Twisted, no clock. The
+listener-level tests prove the wiring; these prove the decisions, step by
+step.
 """
 
 from __future__ import annotations
@@ -156,74 +157,74 @@ def head(policy: Policy = POLICY, lookups: Lookups | None = None, **kw: Any) -> 
 
 
 class InboundHeadTableTests(SynchronousTestCase):
-    """Rows 1-7 of the inbound order: each row's refusal, in order."""
+    """Inbound steps 4-13: each step's refusal, in order."""
 
     ROWS: list[tuple[str, dict[str, Any], Lookups | None, str | None]] = [
         ("accepted", {}, None, None),
-        ("row 1: unknown Host", {"host": [b"evil.example"]}, None, "unknown_host"),
-        ("row 1: no Host", {"host": []}, None, "unknown_host"),
-        ("row 1: two Hosts", {"host": [b"matrix.int.example"] * 2}, None, "unknown_host"),
-        ("row 1: SNI of another internal server", {"sni": f"matrix.{INT2}"}, None, "sni_mismatch"),
+        ("step 4: unknown Host", {"host": [b"evil.example"]}, None, "unknown_host"),
+        ("step 4: no Host", {"host": []}, None, "unknown_host"),
+        ("step 4: two Hosts", {"host": [b"matrix.int.example"] * 2}, None, "unknown_host"),
+        ("step 4: SNI of another internal server", {"sni": f"matrix.{INT2}"}, None, "sni_mismatch"),
         (
-            "row 1: server name is for discovery only",
+            "step 5: server name is for discovery only",
             {"host": [INT.encode()]},
             None,
             "unknown_host",
         ),
         (
-            "row 2: not in the table",
+            "step 5: not in the table",
             {"target": b"/_synapse/admin/v1/users"},
             None,
             "unknown_endpoint",
         ),
-        ("row 2: another method", {"method": b"GET"}, None, "method_not_allowed"),
+        ("step 5: another method", {"method": b"GET"}, None, "method_not_allowed"),
         (
-            "row 2: dot segment",
+            "step 5: dot segment",
             {"target": b"/_matrix/federation/v1/send/../x"},
             None,
             "malformed_target",
         ),
-        ("row 3: global kill switch", {}, Lookups({None}), "killswitch"),
-        ("rate limit per address", {"ip_rate_wait": 0.5}, None, "rate_limited_ip"),
-        ("row 4: no X-Matrix", {"authorization": None}, None, "missing_auth"),
-        ("row 4: two headers", {"authorization": [xmatrix(), xmatrix()]}, None, "multiple_auth"),
-        ("row 4: malformed", {"authorization": [b"X-Matrix origin=a"]}, None, "malformed_auth"),
+        ("step 6: global kill switch", {}, Lookups({None}), "killswitch"),
+        ("step 7: rate limit per address", {"ip_rate_wait": 0.5}, None, "rate_limited_ip"),
+        ("step 9: no X-Matrix", {"authorization": None}, None, "missing_auth"),
+        ("step 9: two headers", {"authorization": [xmatrix(), xmatrix()]}, None, "multiple_auth"),
+        ("step 9: malformed", {"authorization": [b"X-Matrix origin=a"]}, None, "malformed_auth"),
         (
-            "row 5: unknown origin",
+            "step 10: unknown origin",
             {"authorization": [xmatrix("evil.example")]},
             None,
             "unknown_origin",
         ),
-        ("row 5: disabled origin", {"authorization": [xmatrix(OFF)]}, None, "unknown_origin"),
-        ("row 5: origin killed", {}, Lookups({EXT}), "killswitch"),
-        ("row 5: outside source_ips", {"authorization": [xmatrix(NET)]}, None, "source_ip"),
+        ("step 10: disabled origin", {"authorization": [xmatrix(OFF)]}, None, "unknown_origin"),
+        ("step 10: origin killed", {}, Lookups({EXT}), "killswitch"),
+        ("step 10: outside source_ips", {"authorization": [xmatrix(NET)]}, None, "source_ip"),
         (
-            "row 6: wrong destination",
+            "step 11: wrong destination",
             {"authorization": [xmatrix(destination=INT2)]},
             None,
             "bad_destination",
         ),
         (
-            "row 6: no destination",
+            "step 11: no destination",
             {"authorization": [xmatrix(destination=None)]},
             None,
             "bad_destination",
         ),
         (
-            "row 9 from the head: unknown key",
+            "step 12: unknown key",
             {"authorization": [xmatrix(key="ed25519:zz")]},
             None,
             "unknown_key",
         ),
-        ("row 7: declared too large", {"declared_length": 1001}, None, "body_too_large"),
+        ("step 13: declared too large", {"declared_length": 1001}, None, "body_too_large"),
         (
-            "row 8 from the head: no body",
+            "step 13: no body",
             {"has_body": False, "declared_length": 0},
             None,
             "bad_json",
         ),
         (
-            "row 8 from the head: a GET with a body",
+            "step 13: a GET with a body",
             {"method": b"GET", "target": b"/_matrix/federation/v1/event/$e", "declared_length": 5},
             None,
             "unexpected_body",
@@ -305,38 +306,38 @@ def member(sender: str, state_key: str, membership: str) -> dict[str, Any]:
 
 
 class InboundTrustTableTests(SynchronousTestCase):
-    """Rows 10 and 11 (origin consistency), the origin's rate limit, and
-    what monitor mode softens."""
+    """Inbound steps 18-20: the origin's rate limit, the trust level, origin
+    consistency, and what monitor mode softens."""
 
     ROWS: list[tuple[str, Any, str | None]] = [
         ("accepted", txn(), None),
-        ("row 11: transaction origin", txn(origin=INT2), "origin_mismatch"),
+        ("step 20: transaction origin", txn(origin=INT2), "origin_mismatch"),
         (
-            "row 11: EDU for another server's user",
+            "step 20: EDU for another server's user",
             txn(edus=[typing("@a:other.example")]),
             "edu_user_mismatch",
         ),
         (
-            "row 11: speaking as an internal user",
+            "step 20: speaking as an internal user",
             txn(edus=[typing(f"@a:{INT}")]),
             "impersonates_internal_user",
         ),
         (
-            "row 11: PDU of another server",
+            "step 20: PDU of another server",
             txn(pdus=[dict(member("@a:other.example", "@b:x", "invite"), type="m.room.message")]),
             "pdu_sender_mismatch",
         ),
         (
-            "row 11: relayed join of a known server",
+            "step 20: relayed join of a known server",
             txn(pdus=[member(f"@a:{NET}", f"@a:{NET}", "join")]),
             None,
         ),
         (
-            "row 11: relayed join of an unknown server",
+            "step 20: relayed join of an unknown server",
             txn(pdus=[member("@a:unknown.example", "@a:unknown.example", "join")]),
             "untrusted_relayed_sender",
         ),
-        ("row 11: malformed shapes", txn(pdus="nope"), "malformed_content"),
+        ("step 20: malformed shapes", txn(pdus="nope"), "malformed_content"),
     ]
 
     def test_rows(self) -> None:
@@ -346,7 +347,7 @@ class InboundTrustTableTests(SynchronousTestCase):
             self.assertEqual(got, code, name)
             self.assertEqual(decision.would_deny, (), name)
 
-    def test_row10_group_of_the_origin_level(self) -> None:
+    def test_step19_group_of_the_origin_level(self) -> None:
         invite = {"target": b"/_matrix/federation/v2/invite/!r:x/$e", "method": b"PUT"}
         self.assertIsNone(
             trust({"event": member(f"@a:{EXT}", f"@b:{INT}", "invite")}, **invite).refusal
@@ -391,39 +392,39 @@ def connect(policy: Policy = POLICY, killed: set[str | None] | None = None, **kw
 
 
 class OutboundConnectTableTests(SynchronousTestCase):
-    """Rows 1-2 of the outbound order."""
+    """Outbound steps 3-9: the CONNECT."""
 
     ROWS: list[tuple[str, dict[str, Any], set[str | None] | None, str | None]] = [
         ("accepted", {}, None, None),
-        ("row 1: no credentials", {"proxy_authorization": []}, None, "proxy_auth"),
+        ("step 3: no credentials", {"proxy_authorization": []}, None, "proxy_auth"),
         (
-            "row 1: wrong password",
+            "step 3: wrong password",
             {"proxy_authorization": [b"Basic " + base64.b64encode(b"sender:x")]},
             None,
             "proxy_auth",
         ),
         (
-            "row 1 before the plain-HTTP refusal",
+            "step 3 before the plain-HTTP refusal",
             {"method": b"GET", "target": b"http://x/", "proxy_authorization": []},
             None,
             "proxy_auth",
         ),
-        ("plain HTTP", {"method": b"GET", "target": b"http://x/"}, None, "plain_http"),
-        ("not CONNECT", {"method": b"DELETE", "target": b"/x"}, None, "method_not_allowed"),
-        ("malformed target", {"target": b"no-port"}, None, "malformed_request"),
-        ("too many tunnels", {"open_tunnels": 10}, None, "overloaded"),
-        ("row 2: unknown target", {"target": b"evil.example:8448"}, None, "unknown_destination"),
+        ("step 4: plain HTTP", {"method": b"GET", "target": b"http://x/"}, None, "plain_http"),
+        ("step 4: not CONNECT", {"method": b"DELETE", "target": b"/x"}, None, "method_not_allowed"),
+        ("step 5: malformed target", {"target": b"no-port"}, None, "malformed_request"),
+        ("step 6: too many tunnels", {"open_tunnels": 10}, None, "overloaded"),
+        ("step 7: unknown target", {"target": b"evil.example:8448"}, None, "unknown_destination"),
         (
-            "row 2: disabled server",
+            "step 7: disabled server",
             {"target": f"matrix.{OFF}:8448".encode()},
             None,
             "unknown_destination",
         ),
-        ("row 2: server killed", {}, {EXT}, "killswitch"),
-        ("row 2: global kill switch", {}, {None}, "killswitch"),
-        ("row 2: no CA", {"has_ca": False}, None, "no_ca"),
+        ("step 8: server killed", {}, {EXT}, "killswitch"),
+        ("step 8: global kill switch", {}, {None}, "killswitch"),
+        ("step 9: no CA", {"has_ca": False}, None, "no_ca"),
         (
-            "row 2: server name, not on 443",
+            "step 7: server name, not on 443",
             {"target": f"{EXT}:8448".encode()},
             None,
             "unknown_destination",
@@ -477,28 +478,28 @@ def request(
 
 
 class OutboundRequestTableTests(SynchronousTestCase):
-    """Rows 3-7 of the outbound order, for a request in an open tunnel."""
+    """Outbound steps 11-19, for a request in an open tunnel."""
 
     ROWS: list[tuple[str, dict[str, Any], str | None]] = [
         ("accepted", {}, None),
         (
-            "row 3: Host of another server",
+            "step 14: Host of another server",
             {"host": [f"matrix.{NET}:8448".encode()]},
             "host_mismatch",
         ),
-        ("row 3: two Hosts", {"host": [b"a", b"b"]}, "host_mismatch"),
-        ("row 3: SNI of another server", {"sni": f"matrix.{NET}"}, "sni_mismatch"),
-        ("row 4: not in the table", {"target": b"/_synapse/admin/v1/users"}, "unknown_endpoint"),
+        ("step 12: two Hosts", {"host": [b"a", b"b"]}, "host_mismatch"),
+        ("step 14: SNI of another server", {"sni": f"matrix.{NET}"}, "sni_mismatch"),
+        ("step 15: not in the table", {"target": b"/_synapse/admin/v1/users"}, "unknown_endpoint"),
         (
-            "row 6: group not in the level",
+            "step 17: group not in the level",
             {"method": b"GET", "target": b"/_matrix/federation/v1/publicRooms"},
             "group_not_allowed",
         ),
-        ("row 7: signed for another server", {"destination": NET}, "bad_destination"),
-        ("row 7: not an internal origin", {"origin": EXT}, "unknown_origin"),
-        ("row 7: unsigned", {"authorization": None}, "missing_auth"),
+        ("step 18: signed for another server", {"destination": NET}, "bad_destination"),
+        ("step 18: not an internal origin", {"origin": EXT}, "unknown_origin"),
+        ("step 18: unsigned", {"authorization": None}, "missing_auth"),
         (
-            "row 7: malformed signature header",
+            "step 18: malformed signature header",
             {"authorization": [b"X-Matrix nope"]},
             "malformed_auth",
         ),
@@ -511,7 +512,7 @@ class OutboundRequestTableTests(SynchronousTestCase):
             got = out.refusal.code if out.refusal is not None else None
             self.assertEqual(got, code, name)
 
-    def test_row5_kill_switch(self) -> None:
+    def test_step16_kill_switch(self) -> None:
         self.assertEqual(request(killed={EXT}).refusal.code, "killswitch")
         self.assertEqual(request(killed={None}).refusal.code, "killswitch")
         self.assertIsNone(request(killed={NET}).refusal)
@@ -536,7 +537,7 @@ class OutboundRequestTableTests(SynchronousTestCase):
         )
         self.assertEqual(request(policy=Policy.build(disabled)).refusal.code, "unknown_destination")
 
-    def test_monitor_mode_softens_row_6_only_for_what_an_internal_server_signed(self) -> None:
+    def test_monitor_mode_softens_step_17_only_for_what_an_internal_server_signed(self) -> None:
         monitored = Policy.build(make_config(mode="monitor"))
         rooms = {"method": b"GET", "target": b"/_matrix/federation/v1/publicRooms"}
         signed = request(policy=monitored, **rooms)

@@ -1,4 +1,4 @@
-"""Reload (SIGHUP, contract 6) through `GatewayService.reload()`.
+"""Reload (SIGHUP; docs/configuration.md, Reload and restart) through `GatewayService.reload()`.
 
 The gateway runs in-process; the test rewrites its configuration file and
 reloads, then checks what the next request sees, what a request already in

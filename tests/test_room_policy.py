@@ -1,4 +1,4 @@
-"""The room rules R1-R7 (contract section 13) as tables: facts in, rule and code out."""
+"""The room rules R1-R7 (docs/room-rules.md) as tables: facts in, rule and code out."""
 
 from __future__ import annotations
 

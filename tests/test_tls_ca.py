@@ -14,14 +14,13 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from sbg.commands.ca_init import run as ca_init
+from sbg.config.certificates import not_valid_after, not_valid_before
 from sbg.tls.ca import CAError, init_ca, load_ca
 from sbg.tls.pem import (
     PemError,
     certificate_expiry,
     load_certificates,
     load_private_key,
-    not_valid_after,
-    not_valid_before,
 )
 from testbed.tlstools import issue_cert, load_cert, make_ca
 

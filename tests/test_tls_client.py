@@ -112,7 +112,7 @@ class ClientTLSTests(TestCase):
     async def test_wrong_host_name_refused(self) -> None:
         port, server = self._serve(self._server_cert(self.ca_a, "other", dns_names=["other.test"]))
         creator = self.policy.creator_for("hs-ext.test", [self.ca_a.certificate], "none")
-        with self.assertLogs("sbg.tls.client", "WARNING") as logs:
+        with self.assertLogs("sbg.tls.client", "DEBUG") as logs:
             r = await probe_tls(reactor, port, creator, b"secret request")
         self.assertIn("hs-ext.test", logs.output[0])
         self.assertFalse(r.handshake_done)
@@ -132,14 +132,14 @@ class ClientTLSTests(TestCase):
         port2, server2 = self._serve(
             self._server_cert(self.ca_a, "ip2", ip_addresses=["127.0.0.2"])
         )
-        with self.assertLogs("sbg.tls.client", "WARNING"):
+        with self.assertLogs("sbg.tls.client", "DEBUG"):
             r = await probe_tls(reactor, port2, creator, b"ping")
         self.assertFalse(r.handshake_done)
         self.assertEqual(server2.received, [])
         # ... and so is a DNS SAN spelling the address.
         files3 = self._server_cert(self.ca_a, "ip3", dns_names=["127.0.0.1"])
         port3, server3 = self._serve(files3)
-        with self.assertLogs("sbg.tls.client", "WARNING"):
+        with self.assertLogs("sbg.tls.client", "DEBUG"):
             r = await probe_tls(reactor, port3, creator, b"ping")
         self.assertFalse(r.handshake_done)
         self.assertEqual(server3.received, [])
@@ -150,7 +150,7 @@ class ClientTLSTests(TestCase):
         files = self._server_cert(self.ca_a, "odd", dns_names=["other.test", "10.0.0.1"])
         port, server = self._serve(files)
         creator = self.policy.creator_for("hs-ext.test", [self.ca_a.certificate], "none")
-        with self.assertLogs("sbg.tls.client", "WARNING") as logs:
+        with self.assertLogs("sbg.tls.client", "DEBUG") as logs:
             r = await probe_tls(reactor, port, creator, b"secret request")
         self.assertIn("does not match", logs.output[0])
         self.assertFalse(r.handshake_done)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from sbg.config.certificates import not_valid_after, not_valid_before
 from sbg.tls.ca import CertificateAuthority, init_ca, load_ca
 from sbg.tls.mint import (
     LEAF_RENEW_BEFORE,
@@ -29,7 +30,6 @@ from sbg.tls.mint import (
     InterceptingServerContextFactory,
     canonical_name,
 )
-from sbg.tls.pem import not_valid_after, not_valid_before
 from sbg.tls.server import sni_of
 from testbed.tlstools import (
     RawClientCreator,

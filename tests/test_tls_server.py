@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from sbg.hosts import normalise_name
 from sbg.tls.pem import PemError
-from sbg.tls.server import build_sni_server_context, normalise_name, sni_of
+from sbg.tls.server import build_sni_server_context, sni_of
 from testbed.tlstools import (
     CertFiles,
     ProbeResult,

@@ -243,7 +243,7 @@ class StrictParsingTests(TestCase):
 
     async def test_each_malformed_head_is_a_502_through_sbg(self) -> None:
         """The attacker's side: a hostile upstream's answer never reaches
-        the client, which gets the contract's 502."""
+        the client, which gets a 502."""
         server = await serve(self, malformed_responder)
         gw = await start_gateway(
             self,

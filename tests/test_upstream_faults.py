@@ -1,4 +1,4 @@
-"""Upstream faults: the client gets the contract's 502/504, sbg stays healthy.
+"""Upstream faults: the client gets 502/504 `M_UNKNOWN`, sbg stays healthy.
 
 The faulty upstream is a stand-in (a real misbehaving homeserver cannot be
 had on demand): per request path it closes at once, answers garbage,
@@ -148,7 +148,7 @@ class UpstreamFaultTests(TestCase):
         grown = _rss_kib() - rss
         print(f"\n{n} faulty requests: fds {fds} -> {_fd_count()}, RSS +{grown} KiB")
         self.assertLess(grown, 20 * 1024)
-        # And sbg still answers, with the contract's error.
+        # And sbg still answers, with the documented error.
         resp = await gw.inbound(requests[0])
         self.assertEqual(resp.status, 502)
         self.assertEqual(resp.json()["errcode"], "M_UNKNOWN")

@@ -11,62 +11,27 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
 
 from twisted.internet import defer
 
 from testbed.configtools import PARTNER_SERVER
-from tests.asynctest import TestCase
 from tests.inbound_requests import TXN, txn_body
 from tests.processes import (
     WORKERS,
     Process,
     Setup,
     alive,
-    each_worker,
     make_setup,
-    only,
     ready,
     run_gateway,
     sleep,
-    stop,
     wait_until,
     worker_pids,
 )
+from tests.workers import WorkersCase, counter, each_worker, only
 
 
-def counter(metrics: bytes, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in metrics.decode().splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
-class _WorkersCase(TestCase):
-    async def start(self, **overrides: Any) -> tuple[Setup, Process]:
-        setup = make_setup(self, {"workers": WORKERS, **overrides})
-        proc = await run_gateway(self, setup)
-        self.addCleanup(lambda: defer.ensureDeferred(self.stopped(proc)))
-        await wait_until(lambda: ready(proc) == WORKERS, 30, "the workers", proc)
-        return setup, proc
-
-    async def stopped(self, proc: Process) -> None:
-        """Cleanup: the workers' kept-alive upstream connections close in
-        this process's reactor too before the test ends."""
-        stop(proc.popen)
-        await sleep(0.3)
-
-    async def send(self, setup: Setup, n: int) -> int:
-        resp = await setup.inbound(setup.signed("PUT", TXN + str(n).encode(), txn_body()))
-        return resp.status
-
-
-class WorkersTests(_WorkersCase):
+class WorkersTests(WorkersCase):
     async def test_every_worker_serves_and_metrics_are_summed(self) -> None:
         # What a SIGKILLed earlier run left in state_dir/metrics is wiped.
         stale = os.path.abspath(os.path.join(self.mktemp(), "state", "metrics"))
@@ -220,7 +185,7 @@ class WorkersTests(_WorkersCase):
         self.assertEqual(setup.upstream.requests, [])
 
 
-class WorkersKillSwitchFailsClosedTests(_WorkersCase):
+class WorkersKillSwitchFailsClosedTests(WorkersCase):
     """Nothing that happens to `state_dir` lifts a switch in any worker."""
 
     async def refused_everywhere(self, setup: Setup, proc: Process, tag: bytes) -> None:

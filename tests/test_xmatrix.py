@@ -1,4 +1,5 @@
-"""X-Matrix header parsing, signing and signature checks (contract 5.1 rows 4, 9)."""
+"""X-Matrix header parsing, signing and signature checks (docs/decisions.md,
+inbound steps 9 and 16)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fetching the signing keys of `key_fetch: fetch` servers (contract 5.2).
+"""Fetching the signing keys of `key_fetch: fetch` servers (docs/decisions.md,
+inbound step 15).
 
 `KeyFetcher` asks a server for its `/_matrix/key/v2/server` over TLS, from
 the server's first `federation_hosts` entry (port from that entry, else from
@@ -27,7 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -87,7 +88,7 @@ class FetchTarget:
 
 
 def fetch_target(server: ExternalHomeserver) -> FetchTarget:
-    """The key-fetch target of SERVER (contract 5.2).
+    """The key-fetch target of SERVER.
 
     The first `federation_hosts` entry; a server without one is fetched
     from its `server_name`'s host.
@@ -213,6 +214,8 @@ class KeyFetcher:
         self._max_size = max_size
         self._min_interval = min_interval
         self._cache: dict[str, _Cached] = {}
+        # Called after every change of the cache (`sbg status` with workers).
+        self.on_change: Callable[[], None] | None = None
         self._last_attempt: dict[str, float] = {}
         self._waiters: dict[str, list[defer.Deferred[bool]]] = {}
 
@@ -240,15 +243,35 @@ class KeyFetcher:
             return pinned
         if cached.source != source:
             del self._cache[server.server_name]
+            self._changed()
             return pinned
         now = self._now_ms()
-        for key_id in [k for k, (_key, until) in cached.keys.items() if until < now]:
+        expired = [k for k, (_key, until) in cached.keys.items() if until < now]
+        for key_id in expired:
             del cached.keys[key_id]
+        if expired:
+            self._changed()
         if not cached.keys:
             return pinned
         merged: dict[str, VerifyKey] = {k: key for k, (key, _until) in cached.keys.items()}
         merged.update(pinned)
         return MappingProxyType(merged)
+
+    def fetched(self) -> dict[str, dict[str, int]]:
+        """Server name -> key id -> usable until (ms since the epoch), for
+        every key in the cache, expired ones included until they are
+        dropped (`sbg status`)."""
+        return {
+            name: {key_id: until for key_id, (_key, until) in cached.keys.items()}
+            for name, cached in self._cache.items()
+        }
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:
+                logger.exception("publishing the fetched keys failed")
 
     # -- fetching ------------------------------------------------------------
 
@@ -314,6 +337,7 @@ class KeyFetcher:
         now = self._now_ms()
         usable = {k: v for k, v in keys.items() if v[1] >= now}
         self._cache[server.server_name] = _Cached(target, usable)
+        self._changed()
         logger.info(
             "fetched keys of %s from %s: %s",
             server.server_name,
@@ -357,11 +381,6 @@ class KeyFetcher:
             raise KeyFetchError(f"{authority}: {e}") from None
 
     async def _get(self, target: FetchTarget, outbound: OutboundSettings) -> bytes:
-        creator = self._tls.creator_for(
-            target.host,
-            list(target.ca_files) if target.ca_files is not None else None,
-            outbound.default_trust,
-        )
         host, port = target.connect
         tcp: IStreamClientEndpoint
         proxy = outbound.upstream_proxy
@@ -373,10 +392,15 @@ class KeyFetcher:
             )
         else:
             tcp = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
-        pool = HTTPConnectionPool(self._reactor, persistent=False)
-        agent = Agent.usingEndpointFactory(
-            self._reactor, _FixedEndpoint(wrapClientTLS(creator, tcp)), pool=pool
+        tls = self._tls.endpoint(
+            tcp,
+            target.host,
+            list(target.ca_files) if target.ca_files is not None else None,
+            outbound.default_trust,
+            listener="outbound_upstream",
         )
+        pool = HTTPConnectionPool(self._reactor, persistent=False)
+        agent = Agent.usingEndpointFactory(self._reactor, _FixedEndpoint(tls), pool=pool)
         url = b"https://" + format_authority(target.host, target.port).encode("ascii") + KEY_PATH
         headers = Headers({b"Accept": [b"application/json"], b"User-Agent": [b"sbg"]})
         response: IResponse = await agent.request(b"GET", url, headers)

@@ -9,7 +9,9 @@
 - `link`: the thread that owns the blocking Redis client;
 - `sync`: `ClusterKillSwitch`, the reactor's side, around the node's
   `KillSwitch`;
-- `wiring`: what a gateway process builds from its configuration.
+- `wiring`: what a gateway process builds from its configuration;
+- `joins`: `SharedJoins`, the joins every node prepared (`make_join`
+  answered), so that a `send_join` may reach another node.
 
 Redis data model (one Redis database per cluster):
 
@@ -21,6 +23,7 @@ Redis data model (one Redis database per cluster):
 - `sbg:nodes`, a hash: field the node name, value its announcement
   `{"node", "config_sha256", "version", "workers", "started_ts",
   "last_seen_ts", "instance"}`, written every 5 s.
+- `sbg:join:KEY`, a string with a 10-minute expiry: a prepared join.
 
 Rules, which together never open the border on a fault:
 

@@ -291,7 +291,7 @@ class RedisLink:
         except Exception as e:
             if not isinstance(e, RedisUnavailable):
                 self._failed(e)
-            self._reactor.callFromThread(write.done.errback, RedisUnavailable(_describe(e)))
+            self._reactor.callFromThread(write.done.errback, RedisUnavailable(describe(e)))
             return
         self._reactor.callFromThread(write.done.callback, result)
 
@@ -301,7 +301,7 @@ class RedisLink:
         this thread."""
         if not isinstance(e, _errors()):
             logger.error("cluster: unexpected error talking to Redis", exc_info=e)
-        self._state(False, _describe(e))
+        self._state(False, describe(e))
         # The first poll that succeeds again is a full one, and its snapshot
         # goes to the reactor even if nothing changed (pending engages wait
         # for it).
@@ -357,6 +357,6 @@ def _decide(kind: Literal["operation", "merge"], mine: Record, current: Record |
     return current
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text[:300]

@@ -1,5 +1,7 @@
 """What a gateway process needs for its kill switch: a `SwitchControl`
-for the admin API, and with a `cluster` block the `ClusterKillSwitch`."""
+for the admin API, and with a `cluster` block the `ClusterKillSwitch`
+(whose `cluster_state` `/health` adds, and whose `status` is the
+`"cluster"` section of `GET /_sbg/status`)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,19 @@ from sbg.metrics import Metrics
 
 
 def control_for(
-    config: Config, killswitch: KillSwitch, reactor: Any, metrics: Metrics
+    config: Config,
+    killswitch: KillSwitch,
+    reactor: Any,
+    metrics: Metrics,
+    sections: dict[str, Callable[[], object]],
+    *,
+    worker: bool = False,
 ) -> tuple[SwitchControl, ClusterKillSwitch | None]:
     """The admin API's control of `killswitch`, and the cluster's part (None
-    for a node alone). The cluster's part is not started yet."""
-    if config.cluster is None:
+    for a node alone, and in a worker: its supervisor holds the admin API
+    and the link to Redis), whose status becomes the `"cluster"` one of
+    `sections` (`GET /_sbg/status`). The cluster's part is not started yet."""
+    if config.cluster is None or worker:
         return LocalControl(killswitch), None
     metrics.enable_cluster()
     announcement = Announcement(
@@ -42,11 +52,5 @@ def control_for(
         on_problem=lambda kind: problems.labels(kind).inc(),
         on_connected=lambda up: metrics.cluster_connected.set(1 if up else 0),
     )
+    sections["cluster"] = cluster.status
     return cluster, cluster
-
-
-def health_for(cluster: ClusterKillSwitch | None) -> Callable[[], tuple[int, dict[str, Any]]]:
-    """`GET /health`: always 200; a node of a cluster adds `"cluster"`."""
-    if cluster is None:
-        return lambda: (200, {"status": "ok"})
-    return lambda: (200, {"status": "ok", "cluster": cluster.cluster_state})

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Literal, cast
 
 from sbg.config import model
+from sbg.config.certificates import names_of, uncovered
 from sbg.config.reader import (
     BaseReader,
     _Claim,
@@ -76,6 +77,9 @@ class HomeserversReader(BaseReader):
             upstream_ca = self.ca_file(m, "upstream_ca", path)
             if upstream_ca is not None and upstream is not None and upstream.startswith("http:"):
                 self.error(key_path(path, "upstream_ca"), "only used with an https upstream")
+            tls = self.tls_files(m, "tls", path, ca=False)
+            if tls is not None:
+                self.check_certificate_names(path, tls.certificate, hosts)
             result.append(
                 (
                     path,
@@ -84,11 +88,32 @@ class HomeserversReader(BaseReader):
                         federation_hosts=hosts,
                         upstream=upstream or "",
                         upstream_ca=upstream_ca,
-                        tls=self.tls_files(m, "tls", path, ca=False),
+                        tls=tls,
                     ),
                 )
             )
         return result
+
+    def check_certificate_names(
+        self, path: str, file: str, hosts: tuple[model.HostPattern, ...]
+    ) -> None:
+        """The inbound certificate covers every `federation_hosts` host: the
+        external servers connect to those names and check them."""
+        cert_path = key_path(key_path(path, "tls"), "certificate")
+        certs = self.loaded_certificates.get(cert_path)
+        if not certs:
+            return
+        item_paths = self.pattern_paths.get(key_path(path, "federation_hosts"), [])
+        seen: set[str] = set()
+        for pattern, item_path in zip(hosts, item_paths, strict=False):
+            if pattern.host in seen or not uncovered(certs[0], [pattern.host]):
+                continue
+            seen.add(pattern.host)
+            self.error(
+                cert_path,
+                f"{file} is not valid for {pattern.host} ({item_path}): it names "
+                f"{', '.join(names_of(certs[0])) or 'no host'}",
+            )
 
     def server_name(self, m: Mapping[str, object], path: str) -> str | None:
         text = self.string(m, "server_name", path, required=True)

@@ -1,11 +1,11 @@
-"""Read the YAML configuration into `sbg.config.model` (contract section 3).
+"""Read the YAML configuration into `sbg.config.model` (docs/configuration.md).
 
 Every problem is collected with its key path (dots, 0-based list indexes,
 keys quoted when they hold anything but letters, digits, `_` and `-`) and
 all of them are raised together as one `ConfigErrors`; nothing a file
 contains makes this module raise anything else.
 
-Choices where the contract is silent:
+Rules the loader applies (for operators: docs/configuration.md):
 
 - `null` means "not set" for every optional key (an empty `inbound:`
   section keeps the defaults); a required key that is `null` is missing.
@@ -127,7 +127,7 @@ def parse_config_text(
     config = reader.config(data, os.path.abspath(path))
     if reader.errors:
         raise ConfigErrors(path, reader.errors)
-    return config
+    return dataclasses.replace(config, warnings=tuple(str(w) for w in reader.warnings))
 
 
 # libyaml's parser when PyYAML has it (Debian's does): about ten times
@@ -195,6 +195,8 @@ class _Reader(ListenersReader, SettingsReader, HomeserversReader, TrustReader, C
         log_level = self.choice(top, "log_level", "", LOG_LEVELS, "info")
         log_format = self.choice(top, "log_format", "", LOG_FORMATS, "text")
         state_dir = self.file_path(top, "state_dir", "") or "/var/lib/sbg"
+        if not self.skip_files and os.path.exists(state_dir) and not os.path.isdir(state_dir):
+            self.error("state_dir", f"{state_dir} exists and is not a directory")
         admin_token_file = self.file_path(top, "admin_token_file", "")
         admin_token = None
         if admin_token_file is not None and not self.skip_files:

@@ -1,6 +1,6 @@
 """The configuration as immutable, typed values.
 
-`sbg.config.load` builds these from the YAML file (contract section 3) and
+`sbg.config.load` builds these from the YAML file (docs/configuration.md) and
 validates them; the rest of sbg only ever sees these objects. Paths are
 already resolved against the config file's directory, sizes are bytes and
 durations are seconds.
@@ -145,7 +145,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class RoomSettings:
-    """What the users of a trust level's servers may do in rooms (contract 13).
+    """What the users of a trust level's servers may do in rooms (docs/room-rules.md).
 
     The defaults are the V1 profile: invited into open rooms only, never in
     a public room, never above power level 0.
@@ -224,3 +224,6 @@ class Config:
     cluster: ClusterSettings | None = None
     # SHA-256 (hex) of the file's bytes, as loaded ("" for parsed text).
     sha256: str = field(default="", compare=False)
+    # What deserves attention without being an error (a certificate that
+    # expires within 30 days), each line starting with its key path.
+    warnings: tuple[str, ...] = field(default=(), compare=False)

@@ -7,6 +7,7 @@ together."""
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import os
@@ -19,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from sbg.config import model
+from sbg.config.certificates import validity
 from sbg.config.units import (
     parse_duration,
     parse_host_pattern,
@@ -115,6 +117,10 @@ class BaseReader:
         self.base_dir = base_dir
         self.skip_files = skip_files
         self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigError] = []
+        self.now = datetime.datetime.now(datetime.UTC)
+        # key path of a certificate file -> its certificates, once read.
+        self.loaded_certificates: dict[str, list[x509.Certificate]] = {}
         # (list path, e.g. "external_homeservers[0].client_hosts") -> the key
         # path of each host pattern kept from it, for cross-check messages.
         self.pattern_paths: dict[str, list[str]] = {}
@@ -122,6 +128,20 @@ class BaseReader:
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(ConfigError(path, message))
+
+    def warning(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigError(path, message))
+
+    def check_dates(
+        self, path: str, file: str, certs: list[x509.Certificate], *, bundle: bool
+    ) -> None:
+        """Expired and soon expiring certificates (`sbg.config.certificates`)."""
+        self.loaded_certificates[path] = certs
+        errors, warnings = validity(file, certs, self.now, bundle=bundle)
+        for message in errors:
+            self.error(path, message)
+        for message in warnings:
+            self.warning(path, message)
 
     def has_error(self, path: str) -> bool:
         """Whether a problem was found at PATH, inside it or at a parent of it.
@@ -352,6 +372,7 @@ class BaseReader:
         )
         if not certs:
             return
+        self.check_dates(cert_path, files.certificate, certs, bundle=False)
         if ca and not _is_ca(certs[0]):
             self.error(cert_path, f"{files.certificate}: not a CA certificate (CA:TRUE missing)")
         if key_public is None:
@@ -420,7 +441,9 @@ class BaseReader:
     def ca_file(self, m: Mapping[str, object], key: str, path: str) -> str | None:
         file = self.file_path(m, key, path)
         if file is not None and not self.skip_files:
-            self.certificates(key_path(path, key), file)
+            certs = self.certificates(key_path(path, key), file)
+            if certs:
+                self.check_dates(key_path(path, key), file, certs, bundle=True)
         return file
 
     def rate_limit(self, value: object, path: str) -> model.RateLimit | None:

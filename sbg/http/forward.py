@@ -75,12 +75,14 @@ def request_head(
     headers: Headers,
     x_forwarded_for: bytes | None,
     body: bytes | None,
+    drop: frozenset[bytes] = frozenset(),
 ) -> bytes:
     """The request line and header block to send upstream.
 
     The target goes out as received (it is what was signed); hop-by-hop
-    headers and those named in Connection are dropped, X-Forwarded-For is
-    replaced (or dropped when None), and a body gets one Content-Length.
+    headers, those named in Connection and those in DROP (lower-case names)
+    are dropped, X-Forwarded-For is replaced (or dropped when None), and a
+    body gets one Content-Length.
 
     Raises:
         InvalidTarget: the target or a header would not be one clean line.
@@ -96,7 +98,7 @@ def request_head(
     lines = 1
     for name, values in fields:
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower in named:
+        if lower in _REQUEST_DROP or lower in named or lower in drop:
             continue
         for value in values:
             append(name)
@@ -256,16 +258,20 @@ async def forward(
     clock: IReactorTime,
     request_timeout: float,
     idle_timeout: float,
+    drop: frozenset[bytes] = frozenset(),
 ) -> ForwardResult:
     """Forward `request` through `pool` and relay the answer into `request`:
     method, raw target, headers (hop-by-hop ones dropped, `x_forwarded_for`
-    as X-Forwarded-For when not None) and `body` (None: none). Raises
+    as X-Forwarded-For when not None, the headers named in `drop` dropped)
+    and `body` (None: none). Raises
     `UpstreamError` (502/504) when no response head came back, `ClientGone`
     when the client left first; then the result says if the body completed.
     """
     method = request.method
     try:
-        head = request_head(method, request.uri, request.requestHeaders, x_forwarded_for, body)
+        head = request_head(
+            method, request.uri, request.requestHeaders, x_forwarded_for, body, drop
+        )
     except InvalidTarget as e:
         logger.info("request not sendable upstream: %s", e)
         raise UpstreamError(502, "protocol", "upstream connection failed") from None

@@ -1,10 +1,10 @@
 """Inbound: external homeserver -> sbg -> internal homeserver.
 
 `InboundHandler` gathers the facts of each request, asks the pure deciders
-of `sbg.policy.inbound` and carries out their decision: the head is
-decided before any body byte is kept, the signature is checked over the
-body as received before it is parsed, and an allowed request is forwarded
-byte-identical.
+of `sbg.policy.inbound` and carries out their decision, in the order of
+`docs/decisions.md` (inbound steps 4-23): the head is decided before any
+body byte is kept, the signature is checked over the body as received
+before it is parsed, and an allowed request is forwarded byte-identical.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 # its whole parse.
 THREAD_THRESHOLD = 256 * 1024
 # Forwarding headers a peer could set to mislead the homeserver behind.
-UNTRUSTED_FORWARDING = (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
+UNTRUSTED_FORWARDING = frozenset(
+    (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
+)
 
 
 class _Lookups:
@@ -153,8 +155,8 @@ class InboundHandler(Pipeline):
         wait = 0.0
         origin = head.origin
         if origin is not None:
-            # The origin's rate limit, counted only now that the signature
-            # proved who it is: nobody can spend a partner's budget.
+            # Step 18: the origin's rate limit, counted only now that the
+            # signature proved who it is: nobody can spend a partner's budget.
             level = policy.trust_levels.get(origin.trust_level)
             if level is not None and level.rate_limit is not None:
                 wait = self._rt.rate_limiter.take("origin:" + origin.server_name, level.rate_limit)
@@ -164,12 +166,10 @@ class InboundHandler(Pipeline):
         origin_name = origin.server_name if origin is not None else None
         joining = joining_key(endpoint, params, origin_name, content)
         if joining is not None:
-            prepared = self._rt.prepared_joins.prepared(joining)
+            prepared = await self._rt.prepared_joins.is_prepared(joining)
             self.apply(ctx, decide_send_join(policy.mode(origin) == "monitor", joining, prepared))
         self.allow(ctx)
         _client, xff = self._forwarded_for(request)
-        for name in UNTRUSTED_FORWARDING:
-            request.requestHeaders.removeHeader(name)
         settings = policy.config.inbound
         with self._rt.inflight.hold(origin.server_name if origin else None, policy.config.limits):
             result = await forward(
@@ -178,6 +178,7 @@ class InboundHandler(Pipeline):
                 x_forwarded_for=xff,
                 body=body if request.method in (b"PUT", b"POST") else None,
                 clock=self._rt.reactor,
+                drop=UNTRUSTED_FORWARDING,
                 request_timeout=settings.request_timeout,
                 idle_timeout=settings.idle_timeout,
             )
@@ -189,9 +190,9 @@ class InboundHandler(Pipeline):
     async def _check_body(
         self, request: BorderRequest, head: Head, keys: Mapping[str, VerifyKey]
     ) -> tuple[dict[str, Any] | None, bytes]:
-        """Rows 9 then 8: the signature over the body as received (on the
-        reactor: one hash, never more than one copy of a body at a time),
-        then the strict parse (in the thread pool for a large body)."""
+        """Steps 16 then 17: the signature over the body as received (on
+        the reactor: one hash, never more than one copy of a body at a
+        time), then the strict parse (in the thread pool for a large body)."""
         received = request.body
         method = request.method.decode("ascii")
         if received is None:

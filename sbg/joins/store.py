@@ -80,6 +80,11 @@ class PreparedJoins:
             return True
         return self._clock() - prepared_at <= self._ttl
 
+    async def is_prepared(self, key: str) -> bool:
+        """`prepared`, as the request path asks it (a cluster's store may
+        have to ask Redis: `sbg.cluster.joins`)."""
+        return self.prepared(key)
+
     def sweep(self) -> None:
         """Remove stale records, and the oldest beyond `capacity`."""
         self._since_sweep = 0

@@ -1,7 +1,7 @@
 """The endpoint-group table and the one request-target matcher.
 
 Every federation endpoint sbg lets across the border is one `Endpoint` in
-`ENDPOINTS` (contract section 4); `match_target` is the only place a request
+`ENDPOINTS` (docs/endpoints.md); `match_target` is the only place a request
 target is matched against it, for both directions.
 
 Matching follows Synapse's router: the raw path (before `?`) is split on `/`

@@ -1,4 +1,4 @@
-"""The names of the endpoint groups (contract section 4).
+"""The names of the endpoint groups (docs/endpoints.md).
 
 Trust levels name these; `sbg.matrix.endpoints` assigns every endpoint to
 exactly one of them.

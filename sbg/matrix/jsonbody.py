@@ -1,4 +1,4 @@
-"""Strict parsing of JSON request bodies (contract 5.1 row 8).
+"""Strict parsing of JSON request bodies (docs/decisions.md, inbound step 17).
 
 A body is accepted only if it is UTF-8 (no BOM) holding one JSON object with
 no duplicate keys at any depth, no `NaN`/`Infinity` (nor a number that

@@ -1,4 +1,4 @@
-"""The external servers' signing keys (contract 5.2).
+"""The external servers' signing keys (docs/configuration.md, `key_fetch`).
 
 `KeyRing` holds, per external server, its pinned keys from the configuration
 (always accepted) and, for servers in `key_fetch: fetch` mode, keys fetched

@@ -1,4 +1,5 @@
-"""Origin consistency: the origin speaks only for itself (contract 5.3).
+"""Origin consistency: the origin speaks only for itself (docs/decisions.md,
+inbound step 20).
 
 `check_origin_consistency` reads a few fields of an already parsed, already
 signature-checked request body and refuses (403 `M_FORBIDDEN`) a request in

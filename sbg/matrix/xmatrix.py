@@ -1,7 +1,8 @@
 """The `Authorization: X-Matrix` header: parse, build, verify.
 
 The parser is deliberately stricter than RFC 9110 and than Synapse, so that
-every header it accepts means the same thing to both (federation-notes 1.1):
+every header it accepts means the same thing to both
+(docs/decisions.md, inbound step 9):
 
 * exactly one `Authorization` header;
 * the scheme is literally `X-Matrix` (case-sensitive, as Synapse matches it)

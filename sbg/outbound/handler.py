@@ -1,7 +1,8 @@
 """Outbound: the requests inside an intercepted tunnel.
 
 One `OutboundHandler` serves one tunnel. Each request is decided from its
-head by `sbg.policy.outbound.decide_request`, under the policy in force
+head by `sbg.policy.outbound.decide_request` (`docs/decisions.md`,
+outbound steps 10-23), under the policy in force
 when it arrives and the kill switch as it is then, and forwarded over a
 new TLS connection verified against the destination's pinned CA.
 """
@@ -89,8 +90,8 @@ class OutboundHandler(Pipeline):
                 policy, tunnel, out.tls_name, ca_files, settings.default_trust
             )
         except (NoUpstreamTrust, PemError) as e:
-            # Nothing to verify the destination against: the contract's
-            # "TLS to the destination fails verification", a 502.
+            # Nothing to verify the destination against: a TLS failure of
+            # the upstream, a 502 (docs/decisions.md, outbound step 21).
             raise UpstreamError(502, "tls", f"no usable trust for {out.tls_name}: {e}") from None
         body = request.body_bytes() if request.method in (b"PUT", b"POST") else None
         with self._state.runtime.inflight.hold(tunnel.server_name, policy.config.limits):

@@ -2,7 +2,8 @@
 
 A connection starts in "head" mode: sbg reads one proxy request head
 (bounded in size, and in time by `limits.header_timeout`), decides on it
-(`sbg.policy.outbound.decide_connect`) and either refuses it with a status
+(`sbg.policy.outbound.decide_connect`; `docs/decisions.md`, outbound steps
+2-9) and either refuses it with a status
 and closes, or answers `200` and switches the connection into a TLS server
 whose certificate is minted for the ClientHello's SNI. The decrypted stream
 then feeds an ordinary HTTP/1.1 channel whose requests go through
@@ -19,7 +20,7 @@ from typing import Any
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from sbg import reasons
@@ -30,6 +31,7 @@ from sbg.outbound.handler import OutboundHandler
 from sbg.outbound.state import OutboundState
 from sbg.policy.outbound import PROXY_CHALLENGE, ConnectFacts, Tunnel, decide_connect
 from sbg.reasons import Refusal
+from sbg.tls.failures import ObservedTLSFactory
 
 logger = logging.getLogger(__name__)
 
@@ -218,11 +220,13 @@ class ConnectProtocol(Protocol):
         http_factory = BorderHTTPFactory(
             handler, rt.reactor, idle_timeout=rt.policy.config.outbound.idle_timeout
         )
-        tls_factory = TLSMemoryBIOFactory(
+        tls_factory = ObservedTLSFactory(
             # Without SNI (an IP literal), the certificate is for the target.
             self._state.interception_context(tunnel.connect_host),
-            isClient=False,
-            wrappedFactory=http_factory,
+            False,
+            http_factory,
+            listener="outbound_client",
+            failures=rt.tls_failures,
         )
         tls = tls_factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
         assert isinstance(tls, TLSMemoryBIOProtocol)

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from sbg.clients.connect import HTTPConnectEndpoint
@@ -144,9 +144,6 @@ class OutboundState:
         if hit is not None:
             self._clients.move_to_end(key)
             return hit
-        creator = self.runtime.client_tls.creator_for(
-            tls_name, list(ca_files) if ca_files else None, default_trust
-        )
         host, port = addresses or (tunnel.connect_host, tunnel.connect_port)
         reactor = self.runtime.reactor
         tcp: IStreamClientEndpoint
@@ -158,7 +155,14 @@ class OutboundState:
             )
         else:
             tcp = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-        pool = UpstreamPool(reactor, wrapClientTLS(creator, tcp), max_idle=MAX_IDLE_PER_DESTINATION)
+        tls = self.runtime.client_tls.endpoint(
+            tcp,
+            tls_name,
+            list(ca_files) if ca_files else None,
+            default_trust,
+            listener="outbound_upstream",
+        )
+        pool = UpstreamPool(reactor, tls, max_idle=MAX_IDLE_PER_DESTINATION)
         self._clients[key] = pool
         while len(self._clients) > MAX_UPSTREAM_CLIENTS:
             _k, old = self._clients.popitem(last=False)

@@ -1,18 +1,20 @@
 """Inbound decisions (external homeserver -> internal homeserver), pure.
 
-The decision order of the inbound reference (`docs/decisions.md`), row by
-row, as functions of facts: no Twisted, no I/O, no clock.
+The inbound decision order (`docs/decisions.md`, inbound steps 4-21), step
+by step, as functions of facts: no Twisted, no I/O, no clock.
 
-- `decide_head`: what the request head decides (rows 1-7): the Host and
+- `decide_head`: what the request head decides (steps 4-13): the Host and
   SNI route it to an internal homeserver, the endpoint table knows the
   method and target, no kill switch covers it, an `X-Matrix` header names an
-  enabled trusted origin (from its `source_ips`), one of its known keys and
-  this destination, and the declared body fits. Answered before any body
+  enabled trusted origin (from its `source_ips`), this destination and one
+  of its known keys, and the declared body fits. Answered before any body
   byte is kept.
-- `check_body`: the signature over the body as received, then the strict
-  JSON parse (rows 8-9, signature first: see `verify_body_signature`).
-- `decide_trust`: the origin's rate limit, its trust level (row 10) and
-  origin consistency (row 11), the checks monitor mode may soften.
+- `check_signature`, then `parse_body`: the signature over the body as
+  received (step 16: see `verify_body_signature`), then the strict JSON
+  parse (step 17).
+- `decide_trust`: the origin's rate limit (step 18), its trust level (step
+  19) and origin consistency (step 20), the last two softened by monitor
+  mode.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _not_found(detail: str) -> Refusal:
 def route(
     policy: Policy, host_values: Sequence[bytes], sni: str | None, tls: bool
 ) -> tuple[InternalHomeserver, bool]:
-    """Row 1: the internal homeserver the Host names (and the SNI agrees
+    """Step 4: the internal homeserver the Host names (and the SNI agrees
     with); True when only its `server_name` matched (discovery only)."""
     if len(host_values) != 1:
         raise _not_found("no single Host header")
@@ -154,7 +156,7 @@ def _in_networks(peer: str, server: ExternalHomeserver) -> bool:
 
 
 def _body_cap(policy: Policy, facts: HeadFacts, match: Match, authenticated: bool) -> int:
-    """Row 7 from the head: the body this endpoint takes, and its cap."""
+    """Step 13: the body this endpoint takes, and its cap."""
     if not match.endpoint.json_body:
         if facts.has_body:
             raise Refusal(reasons.UNEXPECTED_BODY, "this endpoint takes no request body")
@@ -172,10 +174,10 @@ def _body_cap(policy: Policy, facts: HeadFacts, match: Match, authenticated: boo
 def _authenticate(
     policy: Policy, facts: HeadFacts, internal: InternalHomeserver, lookups: Lookups, out: Head
 ) -> None:
-    """Rows 4-6 and the key id: who signed, and with a key sbg knows."""
-    # Row 4: exactly one well-formed X-Matrix header.
+    """Steps 9-12: who signed, for whom, and with a key sbg knows."""
+    # Step 9: exactly one well-formed X-Matrix header.
     auth = out.auth = parse_authorization(facts.authorization)
-    # Row 5: an enabled trusted origin, not killed, from its addresses.
+    # Step 10: an enabled trusted origin, not killed, from its addresses.
     origin = policy.external_by_name.get(auth.origin)
     if origin is None or not origin.enabled:
         raise Refusal(reasons.UNKNOWN_ORIGIN, f"{auth.origin} is not a trusted server")
@@ -184,13 +186,13 @@ def _authenticate(
         raise Refusal(reasons.KILLSWITCH, f"{auth.origin} is cut off (kill switch)")
     if origin.source_ips and not _in_networks(facts.peer, origin):
         raise Refusal(reasons.SOURCE_IP, f"{auth.origin} may not connect from {facts.peer}")
-    # Row 6: the signed destination is the server this Host routes to.
+    # Step 11: the signed destination is the server this Host routes to.
     if auth.destination != internal.server_name:
         raise Refusal(
             reasons.BAD_DESTINATION,
             f"destination {auth.destination!r} is not {internal.server_name}",
         )
-    # Row 9, as far as the head tells: a key sbg knows for this origin.
+    # Step 12: a key sbg knows for this origin (or may fetch: step 15).
     out.keys = lookups.keys_for(origin)
     if auth.key_id not in out.keys:
         if not lookups.may_refetch(origin):
@@ -199,7 +201,7 @@ def _authenticate(
 
 
 def decide_head(policy: Policy, facts: HeadFacts, lookups: Lookups) -> Head:
-    """Rows 1-7 of the inbound decision order, from the head alone."""
+    """Steps 4-13 of the inbound decision order, from the head alone."""
     out = Head()
     try:
         _decide_head(policy, facts, lookups, out)
@@ -209,17 +211,18 @@ def decide_head(policy: Policy, facts: HeadFacts, lookups: Lookups) -> Head:
 
 
 def _decide_head(policy: Policy, facts: HeadFacts, lookups: Lookups, out: Head) -> None:
-    # Row 1: the Host names an internal homeserver.
+    # Step 4: the Host names an internal homeserver.
     internal, discovery_only = route(policy, facts.host, facts.sni, facts.tls)
     out.internal = internal
-    # Row 2: the endpoint table.
+    # Step 5: the endpoint table.
     match = out.match = match_target(facts.method, facts.target)
     endpoint = match.endpoint
     if discovery_only and endpoint.group != "discovery":
         raise _not_found("Host names no server behind this gateway")
-    # Row 3: the global kill switch.
+    # Step 6: the global kill switch.
     if lookups.killed(None):
         raise Refusal(reasons.KILLSWITCH, "the border is closed (kill switch)")
+    # Step 7: the client address's rate limit.
     if facts.ip_rate_wait > 0:
         raise Refusal(
             reasons.RATE_LIMITED_IP,
@@ -227,7 +230,7 @@ def _decide_head(policy: Policy, facts: HeadFacts, lookups: Lookups, out: Head) 
             retry_after_ms=int(facts.ip_rate_wait * 1000) + 1,
         )
     if not endpoint.authenticated:
-        # No origin to judge: the group must be one some enabled external
+        # Step 8. No origin to judge: the group must be one some enabled external
         # server may use. Never softened: nothing proves who is asking.
         if endpoint.group not in policy.inbound_groups_any:
             raise Refusal(
@@ -247,7 +250,7 @@ def check_signature(
     buffer: bytearray | None,
     start: int,
 ) -> None:
-    """Row 9, before any parse: the signature over the body as received.
+    """Step 16, before any parse: the signature over the body as received.
 
     `buffer` holds `CONTENT_PREFIX` and then the body from `start` on (a
     `BodyBuffer`'s), None when the head accepted no body. An
@@ -269,7 +272,7 @@ def check_signature(
 
 
 def parse_body(head: Head, body: bytes) -> dict[str, Any] | None:
-    """Row 8: the body, when the endpoint takes one, as a strict JSON object.
+    """Step 17: the body, when the endpoint takes one, as a strict JSON object.
 
     Raises:
         Refusal: `bad_json`.
@@ -285,7 +288,7 @@ def decide_trust(
     content: Mapping[str, Any] | None,
     origin_rate_wait: float = 0.0,
 ) -> Decision:
-    """The origin's rate limit, row 10 (trust level) and row 11 (origin
+    """Steps 18 (the origin's rate limit), 19 (trust level) and 20 (origin
     consistency) for an authenticated request; monitor mode softens the
     last two. An unauthenticated request was decided by its head."""
     auth, origin, match = head.auth, head.origin, head.match
@@ -301,7 +304,7 @@ def decide_trust(
         )
     verdict = Verdict(monitor=policy.mode(origin) == "monitor")
     group = match.endpoint.group
-    # Row 10: the origin's trust level allows this group inbound.
+    # Step 19: the origin's trust level allows this group inbound.
     if group not in policy.groups(origin, "inbound"):
         verdict.refuse(
             Refusal(
@@ -309,7 +312,7 @@ def decide_trust(
                 f"endpoint group {group} is not allowed for {origin.server_name}",
             )
         )
-    # Row 11: the origin speaks only for itself.
+    # Step 20: the origin speaks only for itself.
     if not verdict.stopped and policy.config.inbound.strict_origin_checks:
         try:
             check_origin_consistency(

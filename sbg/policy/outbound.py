@@ -1,11 +1,12 @@
 """Outbound decisions (internal homeserver -> external homeserver), pure.
 
-The outbound decision order (`docs/decisions.md`), as functions of facts:
+The outbound decision order (`docs/decisions.md`, outbound steps), as
+functions of facts:
 
-- `decide_connect`: a proxy request head (rows 1-2): proxy credentials
+- `decide_connect`: a proxy request head (steps 3-9): proxy credentials
   first, then only `CONNECT` to a destination some enabled external server
   (or an allowed non-Matrix URL) answers for, no kill switch covering it.
-- `decide_request`: each request inside an accepted tunnel (rows 3-7),
+- `decide_request`: each request inside an accepted tunnel (steps 11-19),
   under the policy in force when it arrives (a reload applies to open
   tunnels at once).
 """
@@ -16,7 +17,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sbg import reasons
@@ -51,10 +52,12 @@ class Tunnel:
     kind: TunnelKind
     server: ExternalHomeserver | None = None
     non_matrix: tuple[NonMatrixURL, ...] = ()
+    # The server's name (None for a non-Matrix URL), read on every request.
+    server_name: str | None = field(init=False, compare=False)
 
-    @property
-    def server_name(self) -> str | None:
-        return self.server.server_name if self.server is not None else None
+    def __post_init__(self) -> None:
+        name = self.server.server_name if self.server is not None else None
+        object.__setattr__(self, "server_name", name)
 
     def describe(self) -> str:
         target = format_authority(self.connect_host, self.connect_port)
@@ -110,7 +113,7 @@ class ConnectFacts:
 
 
 def check_proxy_auth(auth: ProxyAuth | None, values: Sequence[bytes]) -> None:
-    """Row 1: Basic proxy credentials, when `proxy_auth` is configured."""
+    """Step 3: Basic proxy credentials, when `proxy_auth` is configured."""
     if auth is None:
         return
     if len(values) != 1:
@@ -137,7 +140,7 @@ class Connect:
 
 
 def decide_connect(policy: Policy, facts: ConnectFacts, killed: Killed) -> Connect:
-    """Rows 1-2: the tunnel a proxy request head opens (proxy credentials
+    """Steps 3-9: the tunnel a proxy request head opens (proxy credentials
     before anything else, the 403 for plain-HTTP requests included)."""
     out = Connect()
     try:
@@ -238,7 +241,7 @@ def _host(values: Sequence[bytes]) -> tuple[str, int | None]:
 def _non_matrix(
     policy: Policy, tunnel: Tunnel, facts: RequestFacts, host: str, port: int | None, killed: Killed
 ) -> TunnelRequest:
-    """Row 4 for an allowed non-Matrix URL (rows 3, 6 and 7 do not apply)."""
+    """Step 13: an allowed non-Matrix URL (instead of steps 14-18)."""
     check_dot_segments(facts.target)
     path_query = facts.target.decode("latin-1")
     effective_port = port if port is not None else 443
@@ -264,7 +267,7 @@ def _non_matrix(
 def _signature(
     policy: Policy, server: ExternalHomeserver, values: Sequence[bytes] | None
 ) -> XMatrixAuth | Refusal | None:
-    """Row 7's facts: the parsed header (None: unsigned) or why it fails."""
+    """Step 18's facts: the parsed header (None: unsigned) or why it fails."""
     if not values:
         return None
     try:
@@ -289,7 +292,7 @@ def _same_server(
     port: int | None,
     sni: str | None,
 ) -> None:
-    """Row 3: the Host and the SNI belong to the CONNECT target's server."""
+    """Step 14: the Host and the SNI belong to the CONNECT target's server."""
     if tunnel.kind == "discovery":
         by_host = policy.external_for_server_name(host, port)
     elif tunnel.kind == "client":
@@ -317,23 +320,23 @@ def _federation(
     server = tunnel.server
     assert server is not None
     _same_server(policy, tunnel, server, host, port, facts.sni)
-    # Row 4: the endpoint table.
+    # Step 15: the endpoint table, and what the tunnel's kind carries.
     match: Match = match_target(facts.method, facts.target)
     group = out.group = match.endpoint.group
     if tunnel.kind == "discovery" and group != "discovery":
         raise Refusal(reasons.DISCOVERY_ONLY, "server name on port 443 is for discovery only")
     if tunnel.kind == "client" and group != "legacy_media":
         raise Refusal(reasons.GROUP_NOT_ALLOWED, "client host is for legacy media only")
-    # Row 5: kill switch.
+    # Step 16: kill switch.
     if killed(server.server_name):
         raise Refusal(reasons.KILLSWITCH, f"{server.server_name} is cut off (kill switch)")
     signature = _signature(policy, server, facts.authorization)
     if isinstance(signature, XMatrixAuth):
         out.origin = signature.origin
-    # Monitor mode softens row 6 only for what an internal server signed.
+    # Monitor mode softens step 17 only for what an internal server signed.
     signed = isinstance(signature, XMatrixAuth)
     verdict = Verdict(monitor=signed and policy.mode(server) == "monitor")
-    # Row 6: trust level.
+    # Step 17: trust level.
     if group not in policy.groups(server, "outbound"):
         verdict.refuse(
             Refusal(
@@ -341,13 +344,14 @@ def _federation(
                 f"endpoint group {group} is not allowed for {server.server_name}",
             )
         )
-    # Row 7: the signed destination and origin.
+    # Step 18: the signed destination and origin.
     if isinstance(signature, Refusal):
         verdict.refuse(signature)
     elif signature is None and match.endpoint.authenticated:
         verdict.refuse(
             Refusal(reasons.MISSING_AUTH, "federation request without X-Matrix signature")
         )
+    # Step 19: the declared body size.
     cap = policy.config.inbound.max_body_size
     if facts.declared_length is not None and facts.declared_length > cap:
         verdict.refuse(Refusal(reasons.BODY_TOO_LARGE, "request body too large"))
@@ -359,7 +363,7 @@ def _federation(
 def decide_request(
     policy: Policy, opened: Tunnel, facts: RequestFacts, killed: Killed
 ) -> TunnelRequest:
-    """Rows 3-7 for one request in a tunnel opened as `opened`.
+    """Steps 11-19 for one request in a tunnel opened as `opened`.
 
     The tunnel is classified again under `policy`: a reload that disabled
     its server, or made its target something else, refuses the requests of

@@ -1,4 +1,4 @@
-"""The room rules as a Synapse module: `sbg.synapse.RoomRules` (contract 13).
+"""The room rules as a Synapse module: `sbg.synapse.RoomRules` (docs/room-rules.md).
 
 `matrix-synapse` is an optional extra (`pip install sbg[synapse]`). Only
 `sbg.synapse.module` and `sbg.synapse.synapse_ops` import it, and only when

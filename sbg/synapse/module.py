@@ -1,4 +1,4 @@
-"""`sbg.synapse.RoomRules`: the room rules of contract section 13 in Synapse.
+"""`sbg.synapse.RoomRules`: the room rules (docs/room-rules.md) in Synapse.
 
 Loaded by Synapse (`modules: [{module: sbg.synapse.RoomRules, config:
 {sbg_config: FILE}}]`). This class only gathers facts from Synapse, asks

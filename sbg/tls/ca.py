@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from sbg.config.certificates import not_valid_after
 from sbg.tls.pem import (
     PemError,
     PrivateKey,
     key_matches,
     load_certificates,
     load_private_key,
-    not_valid_after,
 )
 
 CA_VALIDITY = datetime.timedelta(days=3652)

@@ -37,11 +37,13 @@ from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
 )
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from zope.interface import implementer
 
+from sbg.hosts import normalise_name
+from sbg.tls.failures import HandshakeFailures, ObservedClientTLSEndpoint, note_for
 from sbg.tls.pem import PemError, load_certificates
-from sbg.tls.server import HTTP11, normalise_name
+from sbg.tls.server import HTTP11
 
 logger = logging.getLogger(__name__)
 
@@ -112,22 +114,24 @@ class VerifyingClientCreator:
     def _verify(
         self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
+        # Why a certificate is refused goes into the connection's note, for
+        # the one line `sbg.tls.failures` writes about the failed handshake.
         if not ok:
-            logger.warning(
+            logger.debug(
                 "TLS to %s: certificate not trusted (X509 verify error %d at depth %d)",
                 self.hostname,
                 errno,
                 depth,
             )
+            note_for(conn).refused_by_verify_error(errno, depth)
             return False
         if depth != 0:
             return True
         try:
             self._check(cert)
         except Exception as e:
-            logger.warning(
-                "TLS to %s: the certificate does not match the name: %s", self.hostname, e
-            )
+            logger.debug("TLS to %s: the certificate does not match the name: %s", self.hostname, e)
+            note_for(conn).refused_for_name(f"not valid for {self.hostname}")
             return False
         return True
 
@@ -146,10 +150,11 @@ class ClientTLSPolicy:
         cache_size: creators kept (and, separately, contexts: one per trust set).
     """
 
-    def __init__(self, *, cache_size: int = 512) -> None:
+    def __init__(self, *, cache_size: int = 512, failures: HandshakeFailures | None = None) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
         self._cache_size = cache_size
+        self.failures = failures
         self._creators: OrderedDict[tuple[Any, ...], VerifyingClientCreator] = OrderedDict()
         self._contexts: OrderedDict[tuple[_FileIdentity, ...], SSL.Context] = OrderedDict()
 
@@ -199,6 +204,26 @@ class ClientTLSPolicy:
         while len(self._creators) > self._cache_size:
             self._creators.popitem(last=False)
         return creator
+
+    def endpoint(
+        self,
+        tcp: IStreamClientEndpoint,
+        hostname: str,
+        ca_files: Sequence[str] | None,
+        default_trust: str,
+        *,
+        listener: str,
+    ) -> IStreamClientEndpoint:
+        """TLS over `tcp` with `creator_for`'s creator; a failed handshake is
+        logged and counted with `listener` (`sbg.tls.failures`).
+
+        Raises:
+            as `creator_for`.
+        """
+        creator = self.creator_for(hostname, ca_files, default_trust)
+        return ObservedClientTLSEndpoint(
+            creator, tcp, listener=listener, failures=self.failures, sni=creator.hostname
+        )
 
     def _context(self, files: tuple[_FileIdentity, ...]) -> SSL.Context:
         ctx = self._contexts.get(files)

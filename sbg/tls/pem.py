@@ -13,6 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from sbg.config.certificates import not_valid_after
+
 # The private key types sbg can sign and serve TLS with.
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -74,22 +76,6 @@ def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     return cert.public_key().public_bytes(der, fmt) == key.public_key().public_bytes(der, fmt)
-
-
-def not_valid_before(cert: x509.Certificate) -> datetime.datetime:
-    """`cert`'s notBefore as an aware UTC datetime (any cryptography version)."""
-    value = getattr(cert, "not_valid_before_utc", None)
-    if isinstance(value, datetime.datetime):
-        return value
-    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
-
-
-def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
-    """`cert`'s notAfter as an aware UTC datetime (any cryptography version)."""
-    value = getattr(cert, "not_valid_after_utc", None)
-    if isinstance(value, datetime.datetime):
-        return value
-    return cert.not_valid_after.replace(tzinfo=datetime.UTC)
 
 
 def certificate_expiry(path: str) -> datetime.datetime:

@@ -19,18 +19,18 @@ installed); that only ever touches the front context, whose ALPN is not used.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
+from sbg.config.certificates import covers
+from sbg.hosts import normalise_name
 from sbg.tls.pem import PemError, PrivateKey, key_matches, load_certificates, load_private_key
 
 logger = logging.getLogger(__name__)
@@ -44,20 +44,6 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
     if HTTP11 in offered:
         return HTTP11
     return SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-def normalise_name(name: str) -> str:
-    """A host name or IP literal as sbg compares them: lower case, no brackets.
-
-    A trailing dot is removed; IP literals take their canonical text form.
-    """
-    host = name.strip().lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host.rstrip(".")
 
 
 def _use_identity(
@@ -150,26 +136,6 @@ def install_sni_switch(
     front.set_tlsext_servername_callback(on_servername)
 
 
-def _covers(cert: x509.Certificate, name: str) -> bool:
-    try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-    except x509.ExtensionNotFound:
-        return False
-    assert isinstance(san, x509.SubjectAlternativeName)
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        ip = None
-    if ip is not None:
-        return ip in san.get_values_for_type(x509.IPAddress)
-    for pattern in (p.lower().rstrip(".") for p in san.get_values_for_type(x509.DNSName)):
-        if pattern == name:
-            return True
-        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
-            return True
-    return False
-
-
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class SNIServerContextFactory:
     """Inbound TLS: one prebuilt context per internal homeserver, chosen by SNI.
@@ -242,7 +208,7 @@ def build_sni_server_context(
             if by_name.get(name, index) != index:
                 raise ValueError(f"host name {name!r} is claimed by two TLS certificates")
             by_name[name] = index
-            if not _covers(certs[0], name):
+            if not covers(certs[0], name):
                 logger.warning(
                     "the certificate %s does not cover the host name %s: "
                     "TLS clients asking for it will refuse it",

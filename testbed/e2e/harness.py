@@ -429,7 +429,7 @@ def sbg_config(
     admin_token_file: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sbg.yaml (contract section 3) for the phase-2 topology, as a dict.
+    """The sbg.yaml (docs/configuration.md) for the phase-2 topology, as a dict.
 
     Two trust levels: ``external`` (GROUPS, plus knocks, and the V1 room
     profile: the defaults) and ``partner`` (GROUPS plus room discovery and

@@ -1,11 +1,11 @@
-"""The room rules (contract section 13) in real Synapse, seen from the clients.
+"""The room rules (docs/room-rules.md) in real Synapse, seen from the clients.
 
 hs-int runs the module `sbg.synapse.RoomRules` behind sbg; hs-ext is a
 trusted external server at the V1 level `external` (invited into open rooms
 only, no public rooms, power level 0), hs-partner one at the V2 level
 `partner` (any non-public room, public rooms, power level up to 50), and
 hs-evil is unknown to sbg. For each rule R1-R8 the allowed case works and
-the refused case fails with the contract's status, and every refusal is
+the refused case fails with the documented status, and every refusal is
 checked from the refused side: refused, and nothing happened (no member, no
 invite, no changed state). What Synapse does not let a module refuse
 arrives and is undone (R8); the time it took is printed.
@@ -43,7 +43,7 @@ from tests.e2e.identity_stub import IdentityStub
 
 ACCESS_RULES = "im.vector.room.access_rules"
 ID_HOST, ID_ADDRESS, ID_PORT = "id.test", f"{E2E_NET}.6", 8090
-# Contract R8: what arrived over federation is undone within this.
+# R8: what arrived over federation is undone within this (docs/room-rules.md).
 UNDO_WITHIN = 5.0
 # How long a refused party is watched for any effect of what it tried.
 QUIET = 3.0
@@ -88,7 +88,7 @@ class RoomRulesTests(TestCase):
     # -- assertions from the refused side
 
     def refused(self, call: Callable[..., Any], *args: Any, **kw: Any) -> MatrixError:
-        """CALL fails with 403 M_FORBIDDEN (the contract's status for R1-R6)."""
+        """CALL fails with 403 M_FORBIDDEN (the status of R1-R6)."""
         with self.assertRaises(MatrixError) as e:
             call(*args, **kw)
         err = e.exception
