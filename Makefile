@@ -32,10 +32,10 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy sbg
 
 unit: $(STAMP)
-	PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=summary $$(PYTHONPATH=$(CURDIR) $(PY) -m tests.list_modules --unit)
+	PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=text $$(PYTHONPATH=$(CURDIR) $(PY) -m tests.list_modules --unit)
 
 e2e: $(STAMP) $(SYNAPSE_STAMP)
-	SBG_E2E_REQUIRED=1 PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=summary tests.e2e
+	SBG_E2E_REQUIRED=1 PYTHONPATH=$(CURDIR) $(PY) -m twisted.trial --reporter=text tests.e2e
 
 test: lint typecheck unit e2e
 

@@ -691,6 +691,15 @@ class CrossCheckTests(ConfigTestCase):
             "not a key of trust_levels",
         )
 
+    def test_unknown_trust_level_lists_the_known_ones_escaped(self) -> None:
+        # A key with a line break in it must not break the error onto two lines.
+        line = self.assertProblem(
+            {"trust_levels": {"ext\nernal": {"inbound": ["discovery"]}}},
+            "external_homeservers[0].trust_level",
+            "'external' is not a key of trust_levels ('ext\\nernal')",
+        )
+        self.assertNotIn("\n", line)
+
     def test_unknown_group(self) -> None:
         self.assertProblem(
             {"trust_levels.external.outbound[3]": "event"},

@@ -95,7 +95,7 @@ class TrustReader(BaseReader):
     ) -> None:
         for path, ext in externals:
             if ext.trust_level and ext.trust_level not in names:
-                known = ", ".join(sorted(names)) or "none is defined"
+                known = ", ".join(repr(n) for n in sorted(names)) or "none is defined"
                 self.error(
                     key_path(path, "trust_level"),
                     f"{ext.trust_level!r} is not a key of trust_levels ({known})",

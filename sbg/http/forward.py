@@ -268,13 +268,7 @@ async def forward(
     when the client left first; then the result says if the body completed.
     """
     method = request.method
-    try:
-        head = request_head(
-            method, request.uri, request.requestHeaders, x_forwarded_for, body, drop
-        )
-    except InvalidTarget as e:
-        logger.info("request not sendable upstream: %s", e)
-        raise UpstreamError(502, "protocol", "upstream connection failed") from None
+    head = _upstream_head(request, x_forwarded_for, body, drop)
     d = pool.request(method, head, body)
     timed_out = []
 
@@ -312,6 +306,20 @@ async def forward(
     relays.append(relay)
     relay.start()
     return await done
+
+
+def _upstream_head(
+    request: http.Request, x_forwarded_for: bytes | None, body: bytes | None, drop: frozenset[bytes]
+) -> bytes:
+    """The request head to send upstream; 502 `protocol` when the target
+    cannot be sent."""
+    try:
+        return request_head(
+            request.method, request.uri, request.requestHeaders, x_forwarded_for, body, drop
+        )
+    except InvalidTarget as e:
+        logger.info("request not sendable upstream: %s", e)
+        raise UpstreamError(502, "protocol", "upstream connection failed") from None
 
 
 def _failed(failure: Failure, timed_out: bool, client_gone: bool) -> Exception:
