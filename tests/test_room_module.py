@@ -20,6 +20,7 @@ import yaml
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
+import sbg
 from sbg.config.model import RoomSettings
 from sbg.policy.room_repair import Kick, Leave, Repair, SetState
 from sbg.policy.rooms import RoomRefusal
@@ -390,8 +391,10 @@ class NoSynapseInTheGatewayTests(SynchronousTestCase):
         self.assertIn("modules", done.stdout)
 
     def test_only_the_module_files_name_synapse(self) -> None:
+        # The package as imported: the source tree's, or the installed one.
+        where = os.path.dirname(os.path.dirname(os.path.abspath(sbg.__file__)))
         found = []
-        for directory, _dirs, files in os.walk(os.path.join(REPO, "sbg")):
+        for directory, _dirs, files in os.walk(os.path.join(where, "sbg")):
             for name in files:
                 if not name.endswith(".py"):
                     continue
@@ -399,5 +402,5 @@ class NoSynapseInTheGatewayTests(SynchronousTestCase):
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
                 if "from synapse" in text or "import synapse" in text:
-                    found.append(os.path.relpath(path, REPO))
+                    found.append(os.path.relpath(path, where))
         self.assertEqual(sorted(found), ["sbg/synapse/module.py", "sbg/synapse/synapse_ops.py"])
