@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from sbg.matrix.jsonbody import MAX_DEPTH, parse_json_object
+from sbg.matrix.jsonbody import MAX_DEPTH, _depth, parse_json_object
 from sbg.reasons import Refusal
 
 
@@ -79,6 +82,18 @@ class ParseTests(SynchronousTestCase):
         deep_text = "[" * 1000 + "{" * 1000 + '\\"[['
         body = json.dumps({"a": deep_text, "b": ["]]]", "\\"]}).encode()
         self.assertEqual(parse_json_object(body)["a"], deep_text)
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet='"[{]}\\a', min_size=150, max_size=600).map(str.encode))
+    def test_depth_is_the_plain_algorithm(self, body: bytes) -> None:
+        """`_depth` drops adjacent quote pairs before splitting: its result
+        must be the plain algorithm's on any bytes, JSON or not."""
+        plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+        kept = bytes(c for c in plain if c in b'"[]{}')
+        brackets = b"".join(kept.split(b'"')[::2])
+        opens = brackets.count(b"[") + brackets.count(b"{")
+        steps = [1 if c in b"[{" else -1 for c in brackets]
+        self.assertEqual(_depth(body), max(accumulate(steps)) if opens > MAX_DEPTH else 0)
 
     ACCEPTED: list[tuple[str, bytes, object]] = [
         ("empty object", b"{}", {}),

@@ -69,7 +69,12 @@ def _depth(body: bytes) -> int:
     if b"\\" in body:  # one memchr; the two replaces cost far more
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     skeleton = body.translate(None, _OTHER_BYTES)
-    brackets = b"".join(skeleton.split(b'"')[::2])
+    # Two adjacent quotes (an empty string's, or one string's end and the
+    # next one's start) enclose no bracket: dropping them keeps the quotes
+    # alternating. Usually no quote is left, and nothing to split.
+    brackets = skeleton.replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = b"".join(brackets.split(b'"')[::2])
     if brackets.count(b"[") + brackets.count(b"{") <= MAX_DEPTH:
         return 0
     return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)))
@@ -103,7 +108,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         _refuse(f"JSON nested deeper than {MAX_DEPTH} levels")
     if not isinstance(value, dict):
         _refuse("body is not a JSON object")
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None:
+    # One memchr first: a two-byte search costs far more.
+    if b"\\" in body and b"\\u" in body and _SURROGATE_ESCAPE.search(text) is not None:
         try:
             json.dumps(value, ensure_ascii=False, check_circular=False).encode("utf-8")
         except UnicodeEncodeError:
