@@ -10,14 +10,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from testbed.ports import free_port as free_port  # the benchmarks' servers' ports
+
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from testbed.e2e.processes import ManagedProcess, clean_environment
+from testbed.ports import free_port
 
 REDIS_SERVER = "/usr/bin/redis-server"
 
@@ -33,14 +34,6 @@ def redis_server_binary() -> str:
             "(apt-get install redis-server)"
         )
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    s = socket.socket()
-    s.bind((host, 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class RedisServer:

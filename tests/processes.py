@@ -25,6 +25,7 @@ from testbed.configtools import (
     make_material,
     write_config,
 )
+from testbed.ports import free_port
 from tests.asynctest import TestCase
 from tests.rawhttp import RawResponse, build_request, exchange_sync
 from tests.standin import StandinState, start_standin
@@ -39,14 +40,6 @@ if not os.path.exists(TWISTD):
 
 
 START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def sleep(seconds: float) -> Any:
