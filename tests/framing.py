@@ -23,6 +23,7 @@ from testbed.configtools import (
 )
 from tests.asynctest import TestCase
 from tests.gateway import Gateway, start_gateway
+from tests.rawhttp import read_head
 from tests.standin import StandinState, start_standin
 
 TXN = b"/_matrix/federation/v1/send/1700000000008"
@@ -142,9 +143,7 @@ def inbound(gw: Gateway, data: bytes | list[bytes], want: int = 1, timeout: floa
 def _tunnel_sync(gw: Gateway, data: bytes | list[bytes], want: int, timeout: float) -> Any:
     raw = socket.create_connection(("127.0.0.1", gw.ports["outbound"]), timeout=10)
     raw.sendall(b"CONNECT " + OUT_CONNECT + b" HTTP/1.0\r\n\r\n")
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += raw.recv(4096)
+    answer = read_head(raw)
     assert answer.startswith(b"HTTP/1.0 200"), answer
     ctx = ssl.create_default_context(cafile=gw.material.outbound_ca.certificate)
     sock = ctx.wrap_socket(raw, server_hostname=PARTNER_HOST)

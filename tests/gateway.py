@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from signedjson.key import generate_signing_key
 from twisted.internet import reactor, threads
 from twisted.trial.unittest import TestCase
 
@@ -108,6 +109,11 @@ class Gateway:
         return build_request(
             method.encode(), target, self.signed_headers(method, target, content, **kw), body
         )
+
+    def forged_key(self) -> Any:
+        """A signing key with the partner's key id that the partner does not
+        own: what a forger without the partner's secret signs with."""
+        return generate_signing_key(self.material.partner_key_id.split(":")[1])
 
     def inbound(
         self, request: bytes, *, sni: str | None = INTERNAL_HOST, check_hostname: bool = True

@@ -27,7 +27,7 @@ from testbed.configtools import (
 )
 from testbed.ports import free_port
 from tests.asynctest import TestCase
-from tests.rawhttp import RawResponse, build_request, exchange_sync
+from tests.rawhttp import RawResponse, build_request, exchange_sync, read_head
 from tests.standin import StandinState, start_standin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,13 +114,7 @@ def connect_head(port: int, proxy_auth: bytes) -> bytes:
             b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
             b"Proxy-Authorization: " + proxy_auth + b"\r\n\r\n"
         )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        return head
+        return read_head(s)
 
 
 def make_setup(test: TestCase, overrides: dict[str, Any] | None = None) -> Setup:

@@ -53,6 +53,18 @@ def build_request(
     return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
 
 
+def read_head(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """What the peer sends until its head ends (a blank line) or it closes
+    (then possibly less than a head); may include bytes after the head."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def _read_response(sock: socket.socket | ssl.SSLSocket, method: bytes) -> RawResponse:
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -180,12 +192,7 @@ def tunnel_sync(
         head = [b"CONNECT " + connect + b" " + version]
         head += [k + b": " + v for k, v in (proxy_headers or [])]
         raw.sendall(b"\r\n".join(head) + b"\r\n\r\n")
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = raw.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
+        buf = read_head(raw)
         head_bytes, _, rest = buf.partition(b"\r\n\r\n")
         if not head_bytes:
             return RawResponse(0, [], b"", closed=True), [], facts

@@ -95,7 +95,7 @@ class AllowedTests(TestCase):
             "PUT",
             TXN + b"2",
             txn_body(),
-            signing_key=generate_signing_key(gw.material.partner_key_id.split(":")[1]),
+            signing_key=gw.forged_key(),
         )
         first, second = await gw.inbound_many([good, forged])
         self.assertEqual(first.status, 200)

@@ -77,9 +77,7 @@ class InboundMonitorTests(TestCase):
         self.assertEqual(len(gw.upstream.requests), 1)
         self.assertEqual(gw.last_audit()["decision"], "would_deny")
         # Authentication is never relaxed: a forged signature is still refused.
-        from signedjson.key import generate_signing_key
-
-        forger = generate_signing_key(gw.material.partner_key_id.split(":")[1])
+        forger = gw.forged_key()
         resp = await gw.inbound(gw.signed_request("PUT", IN_TXN, txn_body(), signing_key=forger))
         self.assertEqual(resp.status, 401)
         self.assertEqual(len(gw.upstream.requests), 1)
@@ -102,8 +100,6 @@ class InboundMonitorTests(TestCase):
         self.assertEqual(len(gw.upstream.requests), 2)
 
     async def test_forged_requests_do_not_spend_the_partners_budget(self) -> None:
-        from signedjson.key import generate_signing_key
-
         from tests.gateway import start_gateway
         from tests.inbound_requests import TXN as IN_TXN
         from tests.inbound_requests import txn_body
@@ -111,7 +107,7 @@ class InboundMonitorTests(TestCase):
         gw = await start_gateway(
             self, {"trust_levels.external.rate_limit": {"per_second": 0.1, "burst": 1}}
         )
-        forger = generate_signing_key(gw.material.partner_key_id.split(":")[1])
+        forger = gw.forged_key()
         for _ in range(5):
             resp = await gw.inbound(
                 gw.signed_request("PUT", IN_TXN, txn_body(), signing_key=forger)

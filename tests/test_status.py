@@ -119,7 +119,7 @@ class StatusBodyTests(TestCase):
             "PUT",
             TXN + b"2",
             txn_body(),
-            signing_key=generate_signing_key(gw.material.partner_key_id.split(":")[1]),
+            signing_key=gw.forged_key(),
         )
         self.assertEqual((await gw.inbound(forged)).status, 401)
         t2 = now_ms()
